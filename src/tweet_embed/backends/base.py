@@ -1,0 +1,68 @@
+"""The one interface every backend implements: ``embed(texts) -> float32 (n, d)`` plus ``info()``.
+
+Why so small: the run loop, the Ray engine and ``search`` only need to turn a list of texts into vectors;
+retries, balancing and protocol details stay inside each backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class BackendError(Exception):
+    """The backend cannot produce vectors (all endpoints failed for too long, a model will not load...)."""
+
+
+@dataclass
+class BackendInfo:
+    """What the output's metadata and the run manifest record about the model."""
+
+    kind: str  # "tei", "openai" or "local"
+    model: str  # model id as the server or the loader reports it
+    dim: int
+    normalize: bool = True
+    max_batch: int = 256  # texts per call that suit this backend
+    max_in_flight: int = 8  # calls worth running at once
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        md = {"backend": self.kind, "model": self.model, "dim": str(self.dim), "normalize": str(self.normalize).lower()}
+        md.update(self.extra)
+        return md
+
+
+class Backend(ABC):
+    """Turns texts into vectors. Async so that HTTP backends can keep many requests in flight."""
+
+    @abstractmethod
+    async def start(self) -> BackendInfo:
+        """Connect / load, learn the model id and dimension."""
+
+    @abstractmethod
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Return a C-contiguous float32 array of shape ``(len(texts), dim)``, rows in input order."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, threads, GPU memory."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the summary (retries by cause, splits...)."""
+        return {}
+
+
+def check_vectors(vectors: np.ndarray, n: int, dim: int | None) -> np.ndarray:
+    """Validate a batch before it can be written: count, dimension, finite values.
+
+    Raises ValueError (which HTTP backends treat as a retryable bad answer).
+    """
+    if vectors.ndim != 2 or vectors.shape[0] != n:
+        raise ValueError(f"expected {n} vectors, got shape {vectors.shape}")
+    if dim is not None and vectors.shape[1] != dim:
+        raise ValueError(f"expected dimension {dim}, got {vectors.shape[1]}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("response holds non-finite values (NaN or inf)")
+    return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -1,0 +1,245 @@
+"""Reading input: line-delimited JSON (plain, gzip, zstd) into ``(id, text)`` records, with rejects.
+
+Why a module of its own: every phase (embed, verify, consolidate --keep-text) must read the input the
+same way, so that "every valid id" means the same thing everywhere.
+
+Rules (also in the README):
+- fields default to ``_id`` and ``text``; other fields are ignored;
+- ``_id`` may be a string, an integer, ``{"$oid": "..."}`` or ``{"$numberLong": "..."}``; the output id is
+  always a string;
+- a UTF-8 BOM, CRLF line ends, blank lines and a missing final newline are normal input;
+- malformed JSON, a non-object line, a missing/invalid id, a text that is missing, null, empty or not a string
+  are rejected with a reason;
+- texts are kept exactly as decoded; only lone surrogates (which servers and tokenizers refuse) are replaced
+  by U+FFFD, see :func:`clean_text`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import orjson
+
+BOM = b"\xef\xbb\xbf"
+SNIPPET_CHARS = 200
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+
+
+class InputError(Exception):
+    """A problem with an input file as a whole (missing, a directory, damaged compression)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """One input line that was not embedded, and why."""
+
+    file: str
+    line: int
+    reason: str
+    snippet: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {"file": self.file, "line": self.line, "reason": self.reason, "snippet": self.snippet}
+        )
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates by U+FFFD; anything else is left exactly as it was."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def normalise_id(value: object) -> str | None:
+    """The output id as a string, or None when the value cannot be an id."""
+    if isinstance(value, str):
+        return value if value and _SURROGATE.search(value) is None else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict) and len(value) == 1:
+        (key, inner), = value.items()
+        if key in ("$oid", "$numberLong", "$numberInt", "$uuid") and isinstance(inner, str) and inner:
+            return inner
+    return None
+
+
+def _snippet(raw: bytes) -> str:
+    return raw[: SNIPPET_CHARS * 4].decode("utf-8", "replace")[:SNIPPET_CHARS]
+
+
+def _loads(raw: bytes) -> object:
+    """orjson first (fast); the stdlib accepts lone-surrogate escapes that orjson refuses."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+        except RecursionError:
+            raise ValueError("malformed JSON: nested too deeply") from None
+
+
+def parse_line(raw: bytes, id_field: str = "_id", text_field: str = "text") -> tuple[str, str] | str:
+    """Parse one input line into ``(id, text)``; a ``str`` result is the reject reason.
+
+    ``raw`` carries no line terminator and no BOM. Blank lines are the caller's business.
+    """
+    try:
+        obj = _loads(raw)
+    except ValueError as exc:
+        return str(exc)
+    if not isinstance(obj, dict):
+        return f"not a JSON object (a {type(obj).__name__})"
+    if id_field not in obj:
+        return f"missing id field {id_field!r}"
+    rid = normalise_id(obj[id_field])
+    if rid is None:
+        return f"invalid id {_short_repr(obj[id_field])}"
+    if text_field not in obj:
+        return f"missing text field {text_field!r}"
+    text = obj[text_field]
+    if text is None:
+        return "text is null"
+    if not isinstance(text, str):
+        return f"text is not a string (a {type(text).__name__})"
+    if not text:
+        return "text is empty"
+    return rid, clean_text(text)
+
+
+def _short_repr(value: object) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def check_input_path(path: str) -> None:
+    """Raise :class:`InputError` with a clear message when ``path`` cannot be read as input."""
+    if not os.path.exists(path):
+        raise InputError(f"input file not found: {path}")
+    if os.path.isdir(path):
+        raise InputError(f"input is a directory, not a file: {path} (give the files inside it)")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"input file is not readable: {path}")
+
+
+def open_binary(path: str) -> BinaryIO:
+    """Open an input file for reading its decompressed bytes (plain, ``.gz`` or ``.zst``)."""
+    check_input_path(path)
+    lower = path.lower()
+    if lower.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if lower.endswith((".zst", ".zstd")):
+        import zstandard
+
+        fh = open(path, "rb")  # noqa: SIM115 - handed to the reader, closed with it
+        return zstandard.ZstdDecompressor().stream_reader(fh, closefd=True)  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115
+
+
+def is_compressed(path: str) -> bool:
+    return path.lower().endswith(COMPRESSED_SUFFIXES)
+
+
+def read_range(path: str, start: int, end: int) -> bytes:
+    """The decompressed bytes ``[start, end)`` of ``path`` (seek for plain files, skip for compressed)."""
+    try:
+        with open_binary(path) as fh:
+            if not is_compressed(path):
+                fh.seek(start)
+            else:
+                _skip(fh, start)
+            data = fh.read(end - start)
+    except (OSError, EOFError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    except Exception as exc:  # zstandard raises its own ZstdError
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    if len(data) != end - start:
+        raise InputError(f"{path} is shorter than when it was planned (changed or truncated?)")
+    return data
+
+
+def _skip(fh: BinaryIO, n: int) -> None:
+    block = 1 << 22
+    while n > 0:
+        got = fh.read(min(block, n))
+        if not got:
+            raise InputError("unexpected end of data")
+        n -= len(got)
+
+
+def split_lines(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, raw)`` for the non-blank lines of ``data``; strips CR and a leading BOM."""
+    lineno = first_line
+    for raw in data.split(b"\n"):
+        if lineno == 1 and raw.startswith(BOM):
+            raw = raw[3:]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if raw.strip():
+            yield lineno, raw
+        lineno += 1
+
+
+def parse_lines(
+    data: bytes,
+    first_line: int,
+    file_label: str,
+    id_field: str = "_id",
+    text_field: str = "text",
+) -> tuple[list[str], list[str], list[Reject]]:
+    """Parse a block of lines into parallel id/text lists and rejects (kept in input order)."""
+    ids: list[str] = []
+    texts: list[str] = []
+    rejects: list[Reject] = []
+    for lineno, raw in split_lines(data, first_line):
+        result = parse_line(raw, id_field, text_field)
+        if isinstance(result, str):
+            rejects.append(Reject(file_label, lineno, result, _snippet(raw)))
+        else:
+            ids.append(result[0])
+            texts.append(result[1])
+    return ids, texts, rejects
+
+
+def iter_records(
+    path: str, id_field: str = "_id", text_field: str = "text", rejects: list[Reject] | None = None
+) -> Iterator[tuple[str, str]]:
+    """Stream the valid ``(id, text)`` records of one input file (used by verify and --keep-text)."""
+    with open_binary(path) as fh:
+        buf = io.BufferedReader(fh, 1 << 20) if is_compressed(path) else fh  # type: ignore[arg-type]
+        lineno = 0
+        try:
+            for raw in buf:
+                lineno += 1
+                raw = raw.rstrip(b"\n")
+                if lineno == 1 and raw.startswith(BOM):
+                    raw = raw[3:]
+                raw = raw.rstrip(b"\r")
+                if not raw.strip():
+                    continue
+                result = parse_line(raw, id_field, text_field)
+                if isinstance(result, str):
+                    if rejects is not None:
+                        rejects.append(Reject(path, lineno, result, _snippet(raw)))
+                    continue
+                yield result
+        except (OSError, EOFError) as exc:
+            raise InputError(f"{path}: damaged input after line {lineno}: {exc}") from exc
