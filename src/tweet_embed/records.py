@@ -54,6 +54,16 @@ class Reject:
         )
 
 
+@dataclass(slots=True)
+class ParsedBlock:
+    """The valid records of a block of input (parallel lists) and its rejects."""
+
+    ids: list[str]
+    texts: list[str]
+    lines: list[int]  # 1-based line (or row) number of each valid record, for rejects found later
+    rejects: list[Reject]
+
+
 def clean_text(text: str) -> str:
     """Replace lone surrogates by U+FFFD; anything else is left exactly as it was."""
     if _SURROGATE.search(text) is None:
@@ -204,19 +214,18 @@ def parse_lines(
     file_label: str,
     id_field: str = "_id",
     text_field: str = "text",
-) -> tuple[list[str], list[str], list[Reject]]:
-    """Parse a block of lines into parallel id/text lists and rejects (kept in input order)."""
-    ids: list[str] = []
-    texts: list[str] = []
-    rejects: list[Reject] = []
+) -> ParsedBlock:
+    """Parse a block of lines into parallel id/text/line lists and rejects (kept in input order)."""
+    batch = ParsedBlock([], [], [], [])
     for lineno, raw in split_lines(data, first_line):
         result = parse_line(raw, id_field, text_field)
         if isinstance(result, str):
-            rejects.append(Reject(file_label, lineno, result, _snippet(raw)))
+            batch.rejects.append(Reject(file_label, lineno, result, _snippet(raw)))
         else:
-            ids.append(result[0])
-            texts.append(result[1])
-    return ids, texts, rejects
+            batch.ids.append(result[0])
+            batch.texts.append(result[1])
+            batch.lines.append(lineno)
+    return batch
 
 
 def iter_records(

@@ -1,0 +1,173 @@
+"""What TEI's ``/embed`` and OpenAI's ``/v1/embeddings`` clients share: the session, the pool, error mapping.
+
+The event loop only moves bytes: response bodies are decoded (and validated) by ``decode`` in an executor
+(threads, or processes with ``--workers``), so decoding scales with cores and never stalls sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+from .base import Backend, BackendError, BackendInfo, check_vectors
+from .pool import BatchRefused, Endpoint, EndpointPool, FatalError, RetryableError, RetryPolicy, redact_url
+
+log = logging.getLogger("tweet_embed")
+
+RETRYABLE_STATUS = {408, 409, 424, 425, 429, 500, 502, 503, 504}
+REFUSED_STATUS = {400, 413, 422}
+FATAL_STATUS = {401: "authentication failed (check TWEET_EMBED_API_KEY)", 403: "forbidden",
+                404: "not found (check the URL's path)", 405: "method not allowed (check the URL's path)"}
+
+
+def describe_error(status: int, body: bytes) -> str:
+    """A short message from an error body (JSON ``error``/``message`` or plain text), never the request."""
+    try:
+        obj = orjson.loads(body)
+        if isinstance(obj, dict):
+            msg = obj.get("error") or obj.get("message") or obj.get("detail")
+            if isinstance(msg, dict):
+                msg = msg.get("message")
+            if msg:
+                return f"HTTP {status}: {str(msg)[:200]}"
+    except orjson.JSONDecodeError:
+        pass
+    text = body[:200].decode("utf-8", "replace").strip()
+    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+
+class HTTPBackend(Backend):
+    """Base for the HTTP protocols: one aiohttp session, one endpoint pool, one decode executor."""
+
+    kind = "http"
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        normalize: bool = True,
+        api_key: str | None = None,
+        model: str | None = None,
+        batch_size: int | None = None,
+        request_timeout: float = 60.0,
+        max_retry_time: float = 600.0,
+        insecure: bool = False,
+        decode_executor: Executor | None = None,
+    ) -> None:
+        if not urls:
+            raise ValueError("no server URL given")
+        self.urls = [self.normalise_url(u) for u in urls]
+        self.normalize = normalize
+        self._api_key = api_key
+        self.model = model
+        self.batch_size = batch_size
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=min(10.0, request_timeout))
+        self.insecure = insecure
+        self.decode_executor = decode_executor
+        self.pool = EndpointPool([Endpoint(u) for u in self.urls], RetryPolicy(max_retry_time=max_retry_time))
+        self.session: aiohttp.ClientSession | None = None
+        self.info_: BackendInfo | None = None
+
+    @staticmethod
+    def normalise_url(url: str) -> str:
+        return url.rstrip("/")
+
+    def headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        if self._api_key:
+            h["Authorization"] = f"Bearer {self._api_key}"
+        return h
+
+    async def _open(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            ssl_ctx: ssl.SSLContext | bool = False if self.insecure else ssl.create_default_context()
+            connector = aiohttp.TCPConnector(limit=0, ssl=ssl_ctx, keepalive_timeout=30)
+            self.session = aiohttp.ClientSession(
+                connector=connector, timeout=self.timeout, headers=self.headers(),
+                json_serialize=lambda o: orjson.dumps(o).decode(),
+            )
+        return self.session
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"{type(self).__name__}({[redact_url(u) for u in self.urls]})"
+
+    async def get_json(self, url: str) -> Any | None:
+        """GET a JSON document (``/info``, ``/v1/models``); None when the server has no such route."""
+        session = await self._open()
+        try:
+            async with session.get(url) as resp:
+                if resp.status in FATAL_STATUS and resp.status in (401, 403):
+                    raise FatalError(f"{redact_url(url)}: {FATAL_STATUS[resp.status]}")
+                if resp.status != 200:
+                    return None
+                return orjson.loads(await resp.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, OSError):
+            return None
+
+    async def post(self, ep: Endpoint, path_url: str, payload: bytes) -> bytes:
+        """POST and return the 200 body; map every failure onto retry / split / fatal."""
+        session = await self._open()
+        try:
+            async with session.post(path_url, data=payload) as resp:
+                body = await resp.read()
+                status = resp.status
+        except asyncio.TimeoutError as exc:
+            raise RetryableError("timeout", f"{ep.name}: no answer within {self.timeout.total:.0f}s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RetryableError("connection", f"{ep.name}: {type(exc).__name__}: {exc}") from exc
+        if status == 200:
+            return body
+        msg = f"{ep.name}: {describe_error(status, body)}"
+        if status in REFUSED_STATUS:
+            raise BatchRefused(msg)
+        if status in FATAL_STATUS:
+            raise FatalError(f"{ep.name}: {FATAL_STATUS[status]} ({describe_error(status, body)})")
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise RetryableError(str(status), msg)
+        raise FatalError(msg)
+
+    async def request_vectors(
+        self, texts: Sequence[str], build: Callable[[Endpoint], tuple[str, bytes]],
+        decode: Callable[[bytes, int, int | None], np.ndarray],
+    ) -> np.ndarray:
+        """One batch through the pool: send, decode off the loop, validate, retry bad answers."""
+        n = len(texts)
+        dim = self.info_.dim if self.info_ else None
+        loop = asyncio.get_running_loop()
+
+        async def attempt(ep: Endpoint) -> np.ndarray:
+            url, payload = build(ep)
+            body = await self.post(ep, url, payload)
+            try:
+                return await loop.run_in_executor(self.decode_executor, decode, body, n, dim)
+            except (ValueError, TypeError, KeyError, IndexError, orjson.JSONDecodeError) as exc:
+                raise RetryableError("bad_answer", f"{ep.name}: {exc}") from exc
+
+        return await self.pool.call(n, attempt)
+
+    def stats(self) -> dict[str, int]:
+        return {f"retry_{k}": v for k, v in sorted(self.pool.retries.items())}
+
+    def require_info(self) -> BackendInfo:
+        if self.info_ is None:
+            raise BackendError("backend not started")
+        return self.info_
+
+
+def decode_float_lists(body: bytes, n: int, dim: int | None) -> np.ndarray:
+    """TEI ``/embed`` body: a JSON array of arrays of floats."""
+    arr = np.asarray(orjson.loads(body), dtype=np.float32)
+    return check_vectors(arr, n, dim)

@@ -1,0 +1,89 @@
+"""Hugging Face text-embeddings-inference ``POST /embed`` (any TEI version in the wild).
+
+Reads ``/info`` of every server for ``max_client_batch_size`` and ``max_concurrent_requests`` (inputs in
+flight), sends ``truncate: true`` and ``normalize``, and learns the dimension from a one-text probe.
+Batches a server refuses as too large (422 since TEI 1.9.0, 413 before; 413 plain text for a body over its
+payload limit) are split by the run loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import orjson
+
+from .base import BackendError, BackendInfo
+from .http import HTTPBackend, decode_float_lists
+from .pool import Endpoint, redact_url
+
+log = logging.getLogger("tweet_embed")
+
+DEFAULT_BATCH = 32  # TEI's default max_client_batch_size
+DEFAULT_CONCURRENCY = 512  # TEI's default max_concurrent_requests
+
+
+class TEIBackend(HTTPBackend):
+    kind = "tei"
+
+    @staticmethod
+    def normalise_url(url: str) -> str:
+        url = url.rstrip("/")
+        return url if url.endswith("/embed") else url + "/embed"
+
+    @staticmethod
+    def base_url(url: str) -> str:
+        return url[: -len("/embed")]
+
+    async def start(self) -> BackendInfo:
+        models: dict[str, str] = {}
+        batch = self.batch_size
+        server_batch = None
+        for ep in self.pool.endpoints:
+            info = await self.get_json(self.base_url(ep.url) + "/info")
+            if isinstance(info, dict):
+                ep.capacity = int(info.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
+                mcb = info.get("max_client_batch_size")
+                if isinstance(mcb, int) and mcb > 0:
+                    server_batch = mcb if server_batch is None else min(server_batch, mcb)
+                mid = info.get("model_id") or info.get("served_model_name")
+                if mid:
+                    models[ep.url] = str(mid)
+            else:
+                ep.capacity = DEFAULT_CONCURRENCY
+                log.warning("%s: no /info; assuming TEI defaults", ep.name)
+        if len(set(models.values())) > 1:
+            listing = "\n".join(f"  {redact_url(u)}: {m}" for u, m in models.items())
+            raise BackendError(f"the servers do not serve the same model:\n{listing}")
+        model = self.model or next(iter(models.values()), None)
+        if model is None:
+            raise BackendError("cannot learn the model id from /info; give it with --model")
+        if self.model and models and self.model not in models.values():
+            log.warning("--model %s given, but the servers report %s", self.model, next(iter(models.values())))
+        if batch is None:
+            batch = server_batch or DEFAULT_BATCH
+        elif server_batch is not None and batch > server_batch:
+            log.warning("--batch-size %d is above the servers' max_client_batch_size %d; using %d",
+                        batch, server_batch, server_batch)
+            batch = server_batch
+        probe = await self.request_vectors(["dimension probe"], self._build(["dimension probe"]),
+                                           decode_float_lists)
+        dim = int(probe.shape[1])
+        capacity = sum(ep.capacity for ep in self.pool.endpoints)
+        self.info_ = BackendInfo(
+            kind="tei", model=model, dim=dim, normalize=self.normalize, max_batch=batch,
+            max_in_flight=max(1, capacity // max(1, batch)),
+        )
+        return self.info_
+
+    def _build(self, texts: Sequence[str]):  # type: ignore[no-untyped-def]
+        payload = orjson.dumps({"inputs": list(texts), "truncate": True, "normalize": self.normalize})
+
+        def build(ep: Endpoint) -> tuple[str, bytes]:
+            return ep.url, payload
+
+        return build
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return await self.request_vectors(texts, self._build(texts), decode_float_lists)

@@ -1,0 +1,218 @@
+"""Command line: argument parsing only; every command calls the library.
+
+Heavy libraries (torch, duckdb, ray, database clients) are imported inside the commands that need them, so
+``tweet-embed --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from . import __version__
+
+log = logging.getLogger("tweet_embed")
+
+# Modules that add subcommands: each exposes ``register(subparsers)``.
+_REGISTRARS: list[str] = [
+    "tweet_embed.cli_consolidate",
+    "tweet_embed.cli_export",
+]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BACKEND, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+EMBED_EXAMPLES = """\
+examples:
+  tweet-embed embed tweets.jsonl                       # in-process all-MiniLM-L6-v2 (CPU, or CUDA if present)
+  tweet-embed embed tweets.jsonl --tei-urls http://gpu1:8080/embed,http://gpu2:8080/embed
+  tweet-embed embed part-*.jsonl.zst --openai-urls http://vllm:8000/v1 --model BAAI/bge-m3
+  tweet-embed embed tweets.jsonl --work-dir /nvme/run1 --output-dir /ssd/shards
+Re-running the same command resumes after the last finished chunk.
+"""
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def add_dir_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("directories")
+    g.add_argument("--work-dir", help="one directory for all three: D/tmp, D/progress, D/shards "
+                                      "(default ./embeddings)")
+    g.add_argument("--tmp-dir", help="staging for shards being written (fast disk)")
+    g.add_argument("--progress-dir", help="markers, manifest, plan, rejects")
+    g.add_argument("--output-dir", help="final Parquet shards (large disk)")
+
+
+def dirs_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .chunks import WorkDirs
+
+    return WorkDirs.from_options(args.work_dir, args.tmp_dir, args.progress_dir, args.output_dir)
+
+
+def add_embed_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed JSONL input into Parquet shards (resumable)",
+                       description="Embed line-delimited JSON ({_id, text}) into Parquet shards.",
+                       epilog=EMBED_EXAMPLES, formatter_class=Formatter)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help=".json/.jsonl, optionally .gz or .zst")
+    p.add_argument("--input-file", action="append", default=[], help="an input file (the original flag)")
+    g = p.add_argument_group("backend")
+    g.add_argument("--tei-urls", action="append", help="TEI /embed URLs, comma-separated (or repeat the flag); "
+                                                       "URLs ending in /v1 or /v1/embeddings use the OpenAI API")
+    g.add_argument("--openai-urls", action="append", help="OpenAI-compatible /v1/embeddings URLs")
+    g.add_argument("--model", help="model id (local model, or sent to OpenAI-compatible servers); "
+                                   "default all-MiniLM-L6-v2 for the in-process model")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false", help="do not L2-normalise vectors")
+    g.add_argument("--batch-size", type=int, help="texts per request (default: the server's "
+                                                  "max_client_batch_size)")
+    g.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is retried")
+    g.add_argument("--max-retry-time", type=float, default=600.0,
+                   help="stop when no server has answered for this many seconds")
+    g.add_argument("--api-key-file", help="read the API key from this file (mode 600); default: "
+                                          "$TWEET_EMBED_API_KEY or $OPENAI_API_KEY")
+    g.add_argument("--insecure", action="store_true", help="do not verify HTTPS certificates")
+    g.add_argument("--device", help="local model device (cpu, cuda, cuda:1); default: CUDA if present")
+    add_dir_options(p)
+    g = p.add_argument_group("input and chunks")
+    g.add_argument("--id-field", default="_id")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--chunk-size", type=int, default=10_000, help="input lines per chunk (one shard each)")
+    g = p.add_argument_group("run")
+    g.add_argument("--dedupe-texts", action="store_true", help="embed identical texts in a chunk once")
+    g.add_argument("--restart", action="store_true", help="forget earlier progress in these directories")
+    g.add_argument("--chunks-in-flight", type=int, default=3, help="chunks embedded at once")
+    g.add_argument("--log-interval", type=float, default=5.0, help="seconds between speed lines")
+    g.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .backends import BackendError, make_backend, read_api_key
+    from .backends.pool import redact_url
+    from .chunks import PlanError
+    from .records import InputError
+    from .runner import EmbedOptions, run_embed
+
+    inputs = list(args.inputs) + list(args.input_file)
+    if not inputs:
+        log.error("no input given: tweet-embed embed FILE [FILE...] (see --help)")
+        return EXIT_USAGE
+    if args.insecure:
+        log.warning("--insecure: HTTPS certificates are NOT verified")
+    try:
+        api_key = read_api_key(args.api_key_file)
+    except (BackendError, OSError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+
+    def backend():  # type: ignore[no-untyped-def]
+        return make_backend(
+            args.tei_urls, args.model, args.normalize, openai_urls=args.openai_urls, api_key=api_key,
+            batch_size=args.batch_size, request_timeout=args.request_timeout,
+            max_retry_time=args.max_retry_time, insecure=args.insecure, device=args.device,
+        )
+
+    opts = EmbedOptions(
+        inputs=inputs, dirs=dirs_from_args(args), chunk_lines=args.chunk_size, id_field=args.id_field,
+        text_field=args.text_field, dedupe_texts=args.dedupe_texts, restart=args.restart,
+        chunks_in_flight=args.chunks_in_flight, log_interval=args.log_interval, max_chunks=args.max_chunks,
+    )
+    urls = [redact_url(u) for u in (args.tei_urls or []) + (args.openai_urls or [])]
+    log.info("tweet-embed %s: %d input file(s) → %s (%s)", __version__, len(inputs), opts.dirs.shards,
+             ", ".join(urls) if urls else "in-process model")
+    try:
+        summary = run_embed(opts, backend)
+    except PlanError as exc:
+        log.error("%s", exc)
+        return EXIT_LOCKED if "already running" in str(exc) else EXIT_ERROR
+    except InputError as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR
+    except BackendError as exc:
+        log.error("%s\nfinished chunks are kept; re-run the same command to resume", exc)
+        return EXIT_BACKEND
+    except OSError as exc:
+        log.error("%s\nfinished chunks are kept; re-run the same command to resume", exc)
+        return EXIT_ERROR
+    print(summary.text(), file=sys.stderr)
+    for err in summary.errors:
+        log.error("%s", err)
+    return EXIT_ERROR if summary.errors else EXIT_OK
+
+
+def add_status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="chunks done / total, rows, rejects and ETA of a run",
+                       epilog="example:\n  tweet-embed status --work-dir /nvme/run1", formatter_class=Formatter)
+    add_dir_options(p)
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import run_status
+
+    text, code = run_status(dirs_from_args(args))
+    print(text)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tweet-embed", formatter_class=Formatter,
+        description="Embed tens to hundreds of millions of tweets into Parquet, resumably and exactly once.",
+        epilog="phases: export → embed → consolidate (see each command's --help)",
+    )
+    parser.add_argument("--version", action="version", version=f"tweet-embed {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_embed_parser(sub)
+    add_status_parser(sub)
+    for name in _REGISTRARS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        register: Callable[[argparse._SubParsersAction], None] = module.register
+        register(sub)
+    return parser
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("tweet_embed")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    setup_logging(args.quiet, args.verbose)
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        log.error("interrupted; finished chunks are kept; re-run the same command to resume")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

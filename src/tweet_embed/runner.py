@@ -1,0 +1,228 @@
+"""The run loop (local engine): plan → skip finished chunks → read, embed, write in a pipeline → summary.
+
+Reading/parsing runs in a thread one chunk ahead, several chunks are embedded at once so the servers never
+idle while a shard is written, and writing runs in threads (pyarrow releases the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import __version__
+from .backends.base import Backend, BackendInfo
+from .chunks import (
+    DEFAULT_CHUNK_LINES,
+    Chunk,
+    Plan,
+    PlanError,
+    WorkDirs,
+    WorkLock,
+    check_manifest,
+    done_markers,
+    iter_chunk_bytes,
+    load_or_create_plan,
+    manifest_key,
+)
+from .parquet import write_atomic
+from .progress import Progress
+from .records import InputError, ParsedBlock, parse_lines
+from .worker import commit_chunk, embed_block
+
+log = logging.getLogger("tweet_embed")
+
+
+@dataclass
+class EmbedOptions:
+    inputs: list[str]
+    dirs: WorkDirs
+    chunk_lines: int = DEFAULT_CHUNK_LINES
+    id_field: str = "_id"
+    text_field: str = "text"
+    dedupe_texts: bool = False
+    restart: bool = False
+    chunks_in_flight: int = 3
+    log_interval: float = 5.0
+    max_chunks: int | None = None  # stop after this many chunks (tests, dry runs)
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    rejected: int = 0
+    chunks_done_now: int = 0
+    chunks_skipped: int = 0
+    chunks_total: int = 0
+    embedded_texts: int = 0
+    elapsed: float = 0.0
+    model: str = ""
+    dim: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    rejects_file: str | None = None
+    shards_dir: str = ""
+
+    @property
+    def docs_per_s(self) -> float:
+        return self.rows / self.elapsed if self.elapsed > 0 else 0.0
+
+    def text(self) -> str:
+        lines = [
+            f"Embedded {self.rows} rows in {self.chunks_done_now} chunks "
+            f"({self.chunks_skipped} of {self.chunks_total} already done) in {self.elapsed:.1f}s: "
+            f"{self.docs_per_s:.1f} docs/s",
+            f"Rejected: {self.rejected} lines" + (f" (see {self.rejects_file})" if self.rejects_file else ""),
+        ]
+        if self.model:
+            lines.append(f"Model: {self.model} ({self.dim} dimensions); shards in {self.shards_dir}")
+        if self.embedded_texts and self.embedded_texts != self.rows:
+            lines.append(f"Texts sent: {self.embedded_texts} (the rest were repeats, --dedupe-texts)")
+        if self.stats:
+            lines.append("Backend: " + ", ".join(f"{k}={v}" for k, v in self.stats.items()))
+        return "\n".join(lines)
+
+
+def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterator[tuple[Chunk, ParsedBlock]]:
+    for chunk, data in iter_chunk_bytes(plan, pending):
+        f = plan.files[chunk.file_index]
+        yield chunk, parse_lines(data, chunk.first_line, f.label, opts.id_field, opts.text_field)
+
+
+def merge_rejects(dirs: WorkDirs, plan: Plan) -> str | None:
+    """Rebuild ``rejects.jsonl`` from the per-chunk files, in input order (identical after any resume)."""
+    parts = []
+    for c in plan.chunks:
+        p = dirs.rejects_path(c)
+        if os.path.exists(p):
+            with open(p, "rb") as fh:
+                parts.append(fh.read())
+    target = dirs.merged_rejects_path
+    if not parts:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        return None
+    write_atomic(target, b"".join(parts))
+    return target
+
+
+def output_options(opts: EmbedOptions, info: BackendInfo) -> dict[str, object]:
+    return {"normalize": info.normalize, "id_field": opts.id_field, "text_field": opts.text_field}
+
+
+async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend]) -> Summary:
+    dirs = opts.dirs
+    t0 = time.monotonic()
+    summary = Summary(shards_dir=dirs.shards)
+    dirs.create()
+    with WorkLock(dirs.progress):
+        if opts.restart:
+            dirs.reset()
+        cleaned = dirs.clean_tmp()
+        if cleaned:
+            log.info("removed %d leftover staging files of an earlier run", cleaned)
+        plan, reused = await asyncio.to_thread(load_or_create_plan, dirs, opts.inputs, opts.chunk_lines)
+        markers = done_markers(dirs)
+        done = {c.name for c in plan.chunks
+                if c.name in markers and os.path.exists(dirs.shard_path(c))}
+        pending = [c for c in plan.chunks if c.name not in done]
+        if opts.max_chunks is not None:
+            pending = pending[: opts.max_chunks]
+        summary.chunks_total = len(plan.chunks)
+        summary.chunks_skipped = len(done)
+        damaged = [f.damaged for f in plan.files if f.damaged]
+        if reused and done:
+            log.info("resuming: %d of %d chunks already done", len(done), len(plan.chunks))
+        if pending:
+            await _run_pending(opts, plan, pending, make_backend, summary)
+        else:
+            log.info("all %d chunks are already done; nothing to send", len(plan.chunks))
+        for m in done_markers(dirs).values():
+            summary.rejected += m.rejects
+        summary.rejects_file = merge_rejects(dirs, plan)
+        summary.elapsed = time.monotonic() - t0
+        if damaged:
+            summary.errors.extend(damaged)
+    return summary
+
+
+async def _run_pending(
+    opts: EmbedOptions, plan: Plan, pending: list[Chunk], make_backend: Callable[[], Backend], summary: Summary
+) -> None:
+    dirs = opts.dirs
+    backend = make_backend()
+    loop = asyncio.get_running_loop()
+    writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="writer")
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader")
+    try:
+        info = await backend.start()
+        summary.model, summary.dim = info.model, info.dim
+        key = manifest_key(plan, info.model, info.dim, output_options(opts, info))
+        check_manifest(dirs, key)
+        metadata = {**info.metadata(), "version": __version__}
+        limiter = asyncio.Semaphore(max(1, info.max_in_flight))
+        slots = asyncio.Semaphore(max(1, opts.chunks_in_flight))
+        remaining_lines = sum(c.n_lines for c in pending)
+        gen = parse_chunks(plan, pending, opts)
+        tasks: set[asyncio.Task[None]] = set()
+        errors: list[BaseException] = []
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                errors.append(task.exception())  # type: ignore[arg-type]
+
+        async def process(chunk: Chunk, block: ParsedBlock) -> None:
+            try:
+                label = plan.files[chunk.file_index].label
+                result = await embed_block(backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter,
+                                           file_label=label)
+                marker = await loop.run_in_executor(writer, commit_chunk, dirs, chunk, result, metadata)
+                summary.rows += marker.rows
+                summary.embedded_texts += marker.embedded_texts
+                summary.chunks_done_now += 1
+                progress.add(marker.rows, chunk.n_lines)
+            finally:
+                slots.release()
+
+        with Progress(total_rows=remaining_lines, interval=opts.log_interval) as progress:
+            try:
+                while True:
+                    await slots.acquire()
+                    item = await loop.run_in_executor(reader, next, gen, None)
+                    if item is None:
+                        slots.release()
+                        break
+                    if errors:
+                        raise errors[0]
+                    task = asyncio.ensure_future(process(*item))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+                if tasks:
+                    await asyncio.gather(*list(tasks))
+                if errors:
+                    raise errors[0]
+            except BaseException:
+                for t in list(tasks):
+                    t.cancel()
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+                raise
+        summary.stats = backend.stats()
+    finally:
+        with contextlib.suppress(Exception):
+            await backend.close()
+        writer.shutdown(wait=True)
+        reader.shutdown(wait=False, cancel_futures=True)
+
+
+def run_embed(opts: EmbedOptions, make_backend: Callable[[], Backend]) -> Summary:
+    """Run (or resume) an embed job to completion; raises PlanError / InputError / BackendError."""
+    return asyncio.run(run_embed_async(opts, make_backend))
+
+
+__all__ = ["EmbedOptions", "Summary", "run_embed", "run_embed_async", "PlanError", "InputError"]
