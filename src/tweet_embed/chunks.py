@@ -125,9 +125,11 @@ def scan_file(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
     first_line = 1
     last_byte = b"\n"
     try:
+        # compressed streams lose a whole read on damage: read them in small steps to keep what is good
+        step = _SCAN_BLOCK if not is_compressed(f.path) else min(_SCAN_BLOCK, 1 << 16)
         with open_binary(f.path) as fh:
             while True:
-                block = fh.read(_SCAN_BLOCK)
+                block = fh.read(step)
                 if not block:
                     break
                 last_byte = block[-1:]

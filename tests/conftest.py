@@ -1,0 +1,63 @@
+"""Shared fixtures: a fake backend that counts batches, and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from tweet_embed.backends.base import Backend, BackendInfo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def text_vector(text: str, dim: int) -> np.ndarray:
+    """A deterministic vector for a text (what the fake backend returns)."""
+    seed = int.from_bytes(text.encode("utf-8", "surrogatepass")[:64].ljust(8, b"\0")[:8], "little") ^ len(text)
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class CountingBackend(Backend):
+    """A fake model (no server): counts every text and batch it embeds, so tests can assert no double work."""
+
+    def __init__(self, dim: int = 8, max_batch: int = 16, refuse: Sequence[str] = ()) -> None:
+        self.dim = dim
+        self.max_batch = max_batch
+        self.refuse = set(refuse)
+        self.texts: Counter[str] = Counter()
+        self.batches = 0
+
+    async def start(self) -> BackendInfo:
+        return BackendInfo(kind="fake", model="fake/counting", dim=self.dim, max_batch=self.max_batch)
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        from tweet_embed.backends.pool import BatchRefused
+
+        if self.refuse.intersection(texts):
+            raise BatchRefused("HTTP 422: refused by the fake")
+        self.batches += 1
+        self.texts.update(texts)
+        return np.stack([text_vector(t, self.dim) for t in texts])
+
+
+@pytest.fixture
+def counting_backend() -> CountingBackend:
+    return CountingBackend()
+
+
+def run_cli(*args: str, cwd: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (``python -m tweet_embed``) in a subprocess."""
+    e = dict(os.environ)
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    if env:
+        e.update(env)
+    return subprocess.run([sys.executable, "-m", "tweet_embed", *args], cwd=cwd or ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
