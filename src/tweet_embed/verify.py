@@ -1,0 +1,263 @@
+"""``verify``: every valid input id appears exactly once in the output, with a finite vector of the right size.
+
+Why DuckDB: 100M ids (a few GB as strings) do not fit a Python set on a laptop-sized machine; DuckDB keeps them
+in a temporary on-disk database and spills its joins and aggregates to disk under ``memory_limit``. The input is
+read by :func:`tweet_embed.records.iter_records`, exactly as ``embed`` reads it, so "valid id" means the same in
+both. Vectors are checked by streaming the ``embedding`` column with pyarrow, one batch at a time.
+
+The target is the consolidated output when ``<out-dir>/manifest.json`` exists, else the shards (before
+consolidation; then an id that the input holds twice is reported as duplicated, as it will be until
+``consolidate`` drops the later copy).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .consolidate import OUTPUT_RE, duckdb_connect, list_shards, read_manifest, sql_list
+from .parquet import META_PREFIX, file_sha256
+from .records import Reject, iter_records
+
+ID_BATCH = 1_000_000
+
+
+class VerifyError(Exception):
+    """Nothing to verify (no output, no shards) or an unreadable input."""
+
+
+@dataclass
+class Finding:
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, n: int, examples: Sequence[str], limit: int) -> None:
+        self.count += n
+        room = limit - len(self.examples)
+        if room > 0:
+            self.examples.extend(list(examples)[:room])
+
+
+@dataclass
+class VerifyReport:
+    target: str
+    files: int = 0
+    input_lines_valid: int = 0
+    input_ids: int = 0
+    input_repeated_ids: int = 0
+    rejects: int = 0
+    reject_examples: list[str] = field(default_factory=list)
+    output_rows: int = 0
+    dim: int | None = None
+    missing: Finding = field(default_factory=Finding)
+    extra: Finding = field(default_factory=Finding)
+    duplicated: Finding = field(default_factory=Finding)
+    bad_dim: Finding = field(default_factory=Finding)
+    non_finite: Finding = field(default_factory=Finding)
+    file_problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing.count or self.extra.count or self.duplicated.count or self.bad_dim.count
+                    or self.non_finite.count or self.file_problems)
+
+    def text(self) -> str:
+        lines = [
+            f"verify: {self.target} ({self.files} file(s))",
+            f"  input: {self.input_lines_valid} valid record(s), {self.input_ids} distinct id(s)"
+            + (f", {self.input_repeated_ids} id(s) repeated in the input" if self.input_repeated_ids else "")
+            + f", {self.rejects} rejected line(s)",
+            f"  output: {self.output_rows} row(s), dimension {self.dim}",
+        ]
+        for label, f in (("missing ids (in the input, not in the output)", self.missing),
+                         ("extra ids (in the output, not in the input)", self.extra),
+                         ("duplicated ids (more than once in the output)", self.duplicated),
+                         ("vectors of the wrong dimension or NULL", self.bad_dim),
+                         ("vectors with NaN/inf", self.non_finite)):
+            mark = "ok" if not f.count else "FAIL"
+            line = f"  [{mark}] {label}: {f.count}"
+            if f.examples:
+                line += "  e.g. " + ", ".join(repr(e) for e in f.examples)
+            lines.append(line)
+        for p in self.file_problems:
+            lines.append(f"  [FAIL] {p}")
+        if self.reject_examples:
+            lines.append("  rejected input lines (not expected in the output), e.g.: " + "; ".join(self.reject_examples))
+        lines.append("OK: every valid id appears exactly once with a finite vector" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def _targets(out_dir: str | None, shards_dir: str | None) -> tuple[str, list[str], dict | None]:  # type: ignore[type-arg]
+    if out_dir and os.path.isdir(out_dir):
+        manifest = read_manifest(out_dir)
+        if manifest is not None:
+            return f"consolidated output in {out_dir}", [os.path.join(out_dir, f["name"]) for f in manifest["files"]], manifest
+    if shards_dir:
+        shards = list_shards(shards_dir)
+        if shards:
+            return f"shards in {shards_dir} (not consolidated yet)", shards, None
+    where = " or ".join(d for d in (out_dir and f"{out_dir}/manifest.json", shards_dir and f"{shards_dir}/part-*.parquet") if d)
+    raise VerifyError(f"nothing to verify: no {where}")
+
+
+def _load_input_ids(con, inputs: Sequence[str], id_field: str, text_field: str, report: VerifyReport,  # type: ignore[no-untyped-def]
+                    examples: int) -> None:
+    con.execute("CREATE TABLE input_raw (id VARCHAR)")
+    rejects: list[Reject] = []
+    buf: list[str] = []
+
+    def flush() -> None:
+        if buf:
+            con.register("id_batch", pa.table({"id": pa.array(buf, pa.string())}))
+            con.execute("INSERT INTO input_raw SELECT id FROM id_batch")
+            con.unregister("id_batch")
+            report.input_lines_valid += len(buf)
+            buf.clear()
+
+    for path in inputs:
+        for rid, _text in iter_records(path, id_field, text_field, rejects):
+            buf.append(rid)
+            if len(buf) >= ID_BATCH:
+                flush()
+            if rejects:
+                for r in rejects:
+                    if len(report.reject_examples) < examples:
+                        report.reject_examples.append(f"{os.path.basename(r.file)}:{r.line} {r.reason}")
+                report.rejects += len(rejects)
+                rejects.clear()
+        report.rejects += len(rejects)
+        for r in rejects:
+            if len(report.reject_examples) < examples:
+                report.reject_examples.append(f"{os.path.basename(r.file)}:{r.line} {r.reason}")
+        rejects.clear()
+    flush()
+
+
+def _check_vectors(path: str, dim: int, report: VerifyReport, examples: int, batch_rows: int = 32_768) -> None:
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["id", "embedding"]):
+        ids = batch.column(0)
+        emb = batch.column(1)
+        n = batch.num_rows
+        bad = np.zeros(n, dtype=bool)
+        if emb.null_count:
+            bad |= emb.is_null().to_numpy(zero_copy_only=False)
+        if pa.types.is_fixed_size_list(emb.type):
+            if emb.type.list_size != dim:
+                bad[:] = True
+            lengths_ok = not bad.any()
+        else:
+            lengths = pc.list_value_length(emb).to_numpy(zero_copy_only=False)
+            bad |= np.nan_to_num(lengths, nan=-1).astype(np.int64) != dim
+            lengths_ok = not bad.any()
+        if bad.any():
+            idx = np.flatnonzero(bad)
+            report.bad_dim.add(len(idx), [ids[int(i)].as_py() for i in idx[:examples]], examples)
+        values = emb.flatten()
+        vals = values.to_numpy(zero_copy_only=False)  # element NULLs become NaN: not allowed either
+        nonfinite = ~np.isfinite(vals)
+        if nonfinite.any():
+            if lengths_ok:
+                rows = np.flatnonzero(nonfinite.reshape(n, dim).any(axis=1))
+            else:
+                parents = pc.list_parent_indices(emb).to_numpy()
+                rows = np.unique(parents[nonfinite])
+            report.non_finite.add(len(rows), [ids[int(i)].as_py() for i in rows[:examples]], examples)
+
+
+def verify(
+    inputs: Sequence[str],
+    *,
+    out_dir: str | None = None,
+    shards_dir: str | None = None,
+    id_field: str = "_id",
+    text_field: str = "text",
+    examples: int = 10,
+    checksums: bool = True,
+    memory_limit: str = "1GB",
+    temp_dir: str | None = None,
+) -> VerifyReport:
+    """Check the output (or shards) against the input; see the module doc."""
+    from .records import check_input_path
+
+    for p in inputs:
+        check_input_path(p)
+    target, files, manifest = _targets(out_dir, shards_dir)
+    report = VerifyReport(target=target, files=len(files))
+
+    # files and metadata
+    dims: set[int] = set()
+    models: set[str] = set()
+    for p in files:
+        if not os.path.exists(p):
+            report.file_problems.append(f"{os.path.basename(p)} is listed in the manifest but missing")
+            continue
+        schema = pq.read_schema(p)
+        md = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        if f"{META_PREFIX}dim" in md:
+            dims.add(int(md[f"{META_PREFIX}dim"]))
+        models.add(md.get(f"{META_PREFIX}model", "?"))
+    if manifest is not None:
+        dims.add(int(manifest["dim"]))
+        listed = {f["name"] for f in manifest["files"]}
+        unlisted = sorted(n for n in os.listdir(out_dir or ".") if OUTPUT_RE.match(n) and n not in listed)
+        if unlisted:
+            report.file_problems.append(f"files not in the manifest: {', '.join(unlisted[:5])}")
+        for f in manifest["files"]:
+            p = os.path.join(out_dir or ".", f["name"])
+            if not os.path.exists(p):
+                continue
+            if pq.read_metadata(p).num_rows != f["rows"]:
+                report.file_problems.append(f"{f['name']}: row count differs from the manifest")
+            if checksums and file_sha256(p) != f["sha256"]:
+                report.file_problems.append(f"{f['name']}: sha256 differs from the manifest")
+    if len(dims) != 1:
+        report.file_problems.append(f"files declare different dimensions: {sorted(dims)}" if dims
+                                    else "no declared dimension (tweet_embed.dim) in the files")
+    if len(models) > 1:
+        report.file_problems.append(f"files come from different models: {sorted(models)}")
+    report.dim = min(dims) if dims else None
+    present = [p for p in files if os.path.exists(p)]
+
+    tmp = tempfile.mkdtemp(prefix="tweet-embed-verify-", dir=temp_dir)
+    try:
+        con = duckdb_connect(os.path.join(tmp, "spill"), memory_limit, path=os.path.join(tmp, "ids.duckdb"))
+        try:
+            _load_input_ids(con, inputs, id_field, text_field, report, examples)
+            con.execute("CREATE TABLE in_ids AS SELECT DISTINCT id FROM input_raw")
+            (report.input_ids,) = con.execute("SELECT count(*) FROM in_ids").fetchone()  # type: ignore[misc]
+            (report.input_repeated_ids,) = con.execute(
+                "SELECT count(*) FROM (SELECT id FROM input_raw GROUP BY id HAVING count(*) > 1)").fetchone()  # type: ignore[misc]
+            con.execute("DROP TABLE input_raw")
+            if present:
+                con.execute(f"CREATE TABLE out_ids AS SELECT id FROM read_parquet({sql_list(present)}, "
+                            "hive_partitioning=false)")
+            else:
+                con.execute("CREATE TABLE out_ids (id VARCHAR)")
+            (report.output_rows,) = con.execute("SELECT count(*) FROM out_ids").fetchone()  # type: ignore[misc]
+            for finding, sql in (
+                (report.missing, "SELECT i.id FROM in_ids i ANTI JOIN out_ids o ON i.id = o.id"),
+                (report.extra, "SELECT DISTINCT o.id FROM out_ids o ANTI JOIN in_ids i ON o.id = i.id"),
+                (report.duplicated, "SELECT id FROM out_ids GROUP BY id HAVING count(*) > 1"),
+            ):
+                con.execute(f"CREATE OR REPLACE TEMP TABLE found AS {sql}")
+                (n,) = con.execute("SELECT count(*) FROM found").fetchone()  # type: ignore[misc]
+                ex = [r[0] for r in con.execute(f"SELECT id FROM found ORDER BY id LIMIT {int(examples)}").fetchall()]
+                finding.add(int(n), ex, examples)
+        finally:
+            con.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if report.dim is not None:
+        for p in present:
+            _check_vectors(p, report.dim, report, examples)
+    return report
