@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -340,6 +341,35 @@ def test_dead_then_back_on_same_port(fresh):
     assert isinstance(e.value.reason, ConnectionRefusedError)
     s.set_faults(dead=False)
     assert s.url == url and call(s.embed_url, {"inputs": "a"})[0] == 200
+
+
+def test_dead_revives_by_itself(fresh):
+    fresh.set_faults(dead=True, revive_after=0.3)
+    with pytest.raises(urllib.error.URLError):
+        call(fresh.url + "/health", timeout=2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert call(fresh.url + "/health", timeout=2)[0] == 200
+            break
+        except urllib.error.URLError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_stop_drops_requests_in_flight():
+    async def go(s: TEIServer) -> None:
+        async with aiohttp.ClientSession() as session:
+            slow = asyncio.ensure_future(session.post(s.embed_url, json={"inputs": "a"}))
+            s.queue_faults("ok", "hang")
+            hung = asyncio.ensure_future(session.post(s.embed_url, json={"inputs": "b"}))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(s.stop)
+            for fut in (slow, hung):
+                with pytest.raises(aiohttp.ClientError):
+                    await asyncio.wait_for(fut, 5)
+
+    asyncio.run(go(TEIServer(dim=DIM, latency=30).start()))
 
 
 def test_dead_closes_keepalive_connections(fresh):

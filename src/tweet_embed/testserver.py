@@ -45,7 +45,8 @@ response), ``p_hang`` (never answer until ``hang_seconds`` pass or the server st
 element short), ``p_nan`` (first element of the first vector is NaN: ``null`` in JSON floats, a real NaN
 in base64).  :meth:`TEIServer.queue_faults` scripts the next outcomes exactly.  ``dead=True`` closes the
 listening socket and every open connection (connections are refused) until ``dead=False`` rebinds the same
-port; :meth:`TEIServer.stop` is the final shutdown.
+port (or ``revive_after`` seconds pass, the way back for a ServerProcess); :meth:`TEIServer.stop` is the
+final shutdown (in-flight requests are dropped).
 
 Fast mode (``precomputed=True``) for benchmarks: every answer of n vectors is a cached body of n fixed
 vectors that do not depend on the texts (correctness checks on vectors are meaningless there; usage token
@@ -177,7 +178,7 @@ def expected_vectors(texts: Sequence[str], dim: int, normalize: bool = True) -> 
     return out
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=4096)
 def expected_vector(text: str, dim: int, normalize: bool = True) -> np.ndarray:
     """The float32 vector the server returns for one text (read-only, cached)."""
     v = _vectors_chunk([text], dim, normalize)[0]
@@ -333,6 +334,8 @@ class TEIServer:
         self._hang_release: asyncio.Event | None = None
         self._dead = False
         self._stopped = False
+        self._revive: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     # ------------------------------------------------------------------ public API
 
@@ -372,9 +375,12 @@ class TEIServer:
             self._embedded = Counter()
 
     def set_faults(self, **kw: Any) -> None:
-        """Change faults at runtime (any :class:`Faults` field), plus ``dead`` and ``healthy`` flags."""
+        """Change faults at runtime: any :class:`Faults` field, plus ``healthy`` (``/health`` answers 503
+        when false), ``dead`` (refuse connections / come back on the same port) and ``revive_after``
+        (seconds; with ``dead=True``, come back by itself — the only way back for a ServerProcess)."""
         dead = kw.pop("dead", None)
         healthy = kw.pop("healthy", None)
+        revive_after = kw.pop("revive_after", None)
         unknown = set(kw) - _FAULT_FIELDS
         if unknown:
             raise TypeError(f"unknown fault options: {sorted(unknown)}")
@@ -382,8 +388,8 @@ class TEIServer:
             self._faults = replace(self._faults, **kw)
         if healthy is not None:
             self.healthy = bool(healthy)
-        if dead is not None and bool(dead) != self._dead:
-            self._call_in_loop(self._set_dead(bool(dead)))
+        if dead is not None and (bool(dead) != self._dead or revive_after is not None):
+            self._call_in_loop(self._set_dead(bool(dead), revive_after))
 
     def queue_faults(self, *outcomes: str) -> None:
         """Script the outcomes of the next embed requests (one per request, before any probability)."""
@@ -477,17 +483,14 @@ class TEIServer:
     # ------------------------------------------------------------------ loop side
 
     def _call_in_loop(self, coro: Any) -> None:
+        """Run a coroutine on the server's loop from another thread and wait for it."""
         loop = self._loop
         if loop is None or self._thread is None or not self._thread.is_alive():
             coro.close()
             raise RuntimeError("server is not running")
-        try:
-            if asyncio.get_running_loop() is loop:
-                raise RuntimeError("set_faults(dead=...) cannot be called from the server's own loop")
-        except RuntimeError as e:
-            if "server's own loop" in str(e):
-                coro.close()
-                raise
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("set_faults(dead=...) cannot be called from the server's own thread")
         asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=30)
 
     def _make_app(self) -> web.Application:
@@ -520,10 +523,8 @@ class TEIServer:
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         self._site = site
-        server = site._server
-        if self.port == 0 and server is not None:
-            sockets = getattr(server, "sockets", None) or []
-            self.port = sockets[0].getsockname()[1]
+        if self.port == 0:
+            self.port = self._runner.addresses[0][1]
 
     def _abort_connections(self) -> None:
         if self._runner is None or self._runner.server is None:
@@ -533,24 +534,47 @@ class TEIServer:
             if transport is not None:
                 transport.abort()
 
-    async def _set_dead(self, dead: bool) -> None:
+    async def _set_dead(self, dead: bool, revive_after: float | None = None) -> None:
+        if self._revive is not None:
+            self._revive.cancel()
+            self._revive = None
+        if dead == self._dead and not (dead and revive_after is not None):
+            return
         self._dead = dead
         if dead:
             if self._site is not None:
                 await self._site.stop()
                 self._site = None
             self._abort_connections()
-        else:
+            if revive_after is not None:
+                self._revive = asyncio.get_running_loop().call_later(
+                    revive_after, lambda: self._spawn(self._set_dead(False))
+                )
+        elif self._site is None and not self._stopped:
             await self._bind()
+
+    def _spawn(self, coro: Any) -> None:
+        """Start a background task on the server loop and keep a reference until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _astop(self) -> None:
         self._dead = True
+        if self._revive is not None:
+            self._revive.cancel()
         if self._hang_release is not None:
             self._hang_release.set()
         if self._site is not None:
             await self._site.stop()
             self._site = None
         self._abort_connections()
+        # Handlers still sleeping (latency) or hanging would otherwise be destroyed pending at loop close.
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -867,16 +891,17 @@ class TEIServer:
         try:
             kw = orjson.loads(await request.read())
             dead = kw.pop("dead", None)
+            revive_after = kw.pop("revive_after", None)
             script = kw.pop("queue", None)
-            self.set_faults(**{k: v for k, v in kw.items() if k != "dead"})
+            self.set_faults(**kw)
             if script:
                 self.queue_faults(*script)
         except (TypeError, ValueError, orjson.JSONDecodeError, AttributeError) as e:
             return _text(400, str(e))
-        if dead is not None and bool(dead) != self._dead:
+        if dead is not None:
             # Answer first, then change the listener (the answer travels on the current connection).
             asyncio.get_running_loop().call_later(
-                0.05, lambda: asyncio.ensure_future(self._set_dead(bool(dead)))
+                0.05, lambda: self._spawn(self._set_dead(bool(dead), revive_after))
             )
         return _json(200, asdict(self._faults))
 
