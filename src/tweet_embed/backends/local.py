@@ -442,7 +442,7 @@ class LocalBackend(Backend):
         if dtype != self._torch.float32:
             st = st.to(dtype)
         self._st = st
-        get_dim = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
+        get_dim: Any = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
         self._dim = int(get_dim())
 
     def _warm_up(self) -> None:
