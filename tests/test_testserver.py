@@ -302,6 +302,17 @@ def test_overload_with_latency():
         assert s.counters["overloaded"] == 1 and s.counters["max_in_flight_requests"] == 2
 
 
+def test_async_context_manager_and_route_aliases():
+    async def go() -> None:
+        async with TEIServer(dim=DIM) as s, aiohttp.ClientSession() as session:
+            async with session.post(s.url + "/embeddings", json={"input": ["a"]}) as r:
+                assert r.status == 200 and len((await r.json())["data"]) == 1
+            async with session.post(s.url + "/", json={"inputs": ["a"]}) as r:
+                assert r.status == 200 and len(await r.json()) == 1
+
+    asyncio.run(go())
+
+
 def test_counters_track_each_text(fresh):
     s = fresh
     call(s.embed_url, {"inputs": ["a", "b"]})

@@ -723,11 +723,11 @@ class TEIServer:
         return await self._serve(request, openai=True)
 
     async def _drop(self, request: web.Request) -> web.StreamResponse:
-        """Close the connection without an answer (the client sees a disconnect)."""
+        """Abort the connection without an answer (the client sees a disconnect or a reset)."""
         transport = request.transport
         if transport is not None:
             transport.abort()
-        # Nothing can be written any more; aiohttp ignores a response on a closed transport.
+        # aiohttp treats a cancelled handler as a client disconnect: it writes nothing and closes quietly.
         raise asyncio.CancelledError
 
     async def _serve(self, request: web.Request, openai: bool) -> web.StreamResponse:
