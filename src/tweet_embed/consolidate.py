@@ -768,13 +768,13 @@ def _check_existing(manifest: dict[str, Any], present: Sequence[str], params: di
     now = {os.path.basename(p): os.path.getsize(p) for p in present}
     same_shards = all(recorded.get(n) == b for n, b in now.items())
     same_params = manifest.get("params") == params
+    if overwrite:
+        return None
     if same_shards and same_params:
         gone = len(recorded) - len(now)
         tail = f"; {gone} of its {len(recorded)} shards were deleted since" if gone else ""
         return (f"already consolidated: {len(manifest['files'])} file(s), {manifest['rows']} rows; "
                 f"nothing to do{tail} (--overwrite redoes it)")
-    if overwrite:
-        return None
     why = "other shards" if not same_shards else "other settings"
     raise ConsolidateError(f"the output directory already holds a finished consolidation of {why}; "
                            "pass --overwrite to replace it, or choose another --out-dir")
