@@ -267,18 +267,20 @@ def test_sigkill_at_random_moments_then_rerun_gives_same_manifest(tmp_path):
     full = time.monotonic() - t0
     want = open(os.path.join(ref, "manifest.json"), "rb").read()
     rng = random.Random(1234)
-    killed = 0
+    killed = resumed = 0
     for i in range(12):
         out = str(tmp_path / f"out{i}")
         for _ in range(2):  # kill, and kill the resumed run too
-            p = subprocess.Popen(_consolidate_cmd(shards, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p = subprocess.Popen(_consolidate_cmd(shards, out), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True)
             time.sleep(rng.uniform(0.05, full))
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 killed += 1
-            p.wait()
+            resumed += "resumed after" in p.communicate()[0]
         r = subprocess.run(_consolidate_cmd(shards, out), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+        resumed += "resumed after" in r.stdout
         assert open(os.path.join(out, "manifest.json"), "rb").read() == want
         m = json.loads(want)
         for f in m["files"]:
@@ -287,6 +289,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_same_manifest(tmp_path):
                            and n not in ("manifest.json", C.LOCK))
         assert leftovers == []
     assert killed >= 8  # most attempts really interrupted a run
+    assert resumed >= 3  # and some of them after finished files, in the middle of writing
 
 
 def test_root_script_defaults_to_embeddings_dirs(tmp_path):
