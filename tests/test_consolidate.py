@@ -15,26 +15,36 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli
 
+from conftest import ROOT, run_cli
 from tweet_embed import consolidate as C
 from tweet_embed.parquet import file_sha256, make_table, write_table
 
-META = {"backend": "local", "model": "sentence-transformers/all-MiniLM-L6-v2", "dim": "16", "normalize": "true",
-        "version": "0.1.0"}
+META = {
+    "backend": "local",
+    "model": "sentence-transformers/all-MiniLM-L6-v2",
+    "dim": "16",
+    "normalize": "true",
+    "version": "0.1.0",
+}
 
 
 def vec(i: int, dim: int = 16) -> np.ndarray:
     return np.random.default_rng(i).standard_normal(dim).astype(np.float32)
 
 
-def write_shards(d: str, shards: list[list[str]], dim: int = 16, meta: dict[str, str] | None = None,
-                 seed_of=None) -> list[np.ndarray]:
+def write_shards(
+    d: str, shards: list[list[str]], dim: int = 16, meta: dict[str, str] | None = None, seed_of=None
+) -> list[np.ndarray]:
     """Write one shard per id list, named in input order; vector of row r in shard s is seeded by (s, r)."""
     os.makedirs(d, exist_ok=True)
     out = []
     for s, ids in enumerate(shards):
-        v = np.stack([vec(s * 100_000 + r, dim) for r in range(len(ids))]) if ids else np.zeros((0, dim), np.float32)
+        v = (
+            np.stack([vec(s * 100_000 + r, dim) for r in range(len(ids))])
+            if ids
+            else np.zeros((0, dim), np.float32)
+        )
         md = dict(meta or META)
         md["dim"] = str(dim)
         write_table(make_table(ids, v, md), os.path.join(d, f"part-{s // 10:04d}-{s % 10:07d}.parquet"))
@@ -69,8 +79,9 @@ def test_rows_schema_metadata_and_readers(tmp_path):
     assert pa.types.is_list(t.schema.field("embedding").type)
     assert t.schema.metadata[b"tweet_embed.model"] == META["model"].encode()
     assert t.column("id").to_pylist() == [i for s in ids for i in s]
-    np.testing.assert_array_equal(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)),
-                                  np.concatenate(vectors))
+    np.testing.assert_array_equal(
+        np.stack(t.column("embedding").to_numpy(zero_copy_only=False)), np.concatenate(vectors)
+    )
     con = duckdb.connect()
     n, nd, lo, hi = con.execute(
         f"SELECT count(*), count(DISTINCT id), min(len(embedding)), max(len(embedding)) FROM read_parquet('{out}/*.parquet')"
@@ -111,8 +122,10 @@ def test_mixed_models_refused(tmp_path):
 def test_mixed_dimensions_refused(tmp_path):
     shards = str(tmp_path / "shards")
     write_shards(shards, [["a", "b"]], dim=16)
-    write_table(make_table(["c"], vec(1, 8)[None, :], dict(META, dim="8")),
-                os.path.join(shards, "part-0001-0000000.parquet"))
+    write_table(
+        make_table(["c"], vec(1, 8)[None, :], dict(META, dim="8")),
+        os.path.join(shards, "part-0001-0000000.parquet"),
+    )
     with pytest.raises(C.ConsolidateError, match="dim=8"):
         C.consolidate(shards, str(tmp_path / "out"))
 
@@ -207,8 +220,13 @@ def test_delete_shards_only_after_verification(tmp_path):
 
 def test_keep_text_joins_input_by_id(tmp_path):
     inp = tmp_path / "in.jsonl"
-    lines = [{"_id": "1", "text": "one"}, {"_id": "2", "text": ""}, {"_id": 3, "text": "three"},
-             {"_id": "1", "text": "one again"}, {"_id": {"$oid": "4"}, "text": "four"}]
+    lines = [
+        {"_id": "1", "text": "one"},
+        {"_id": "2", "text": ""},
+        {"_id": 3, "text": "three"},
+        {"_id": "1", "text": "one again"},
+        {"_id": {"$oid": "4"}, "text": "four"},
+    ]
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     shards = str(tmp_path / "shards")
     write_shards(shards, [["1", "3"], ["1", "4"]])  # what embed writes: valid records, in input order
@@ -251,8 +269,18 @@ def test_crash_after_some_files_resumes_to_identical_output(tmp_path, monkeypatc
 
 
 def _consolidate_cmd(shards: str, out: str) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "consolidate_embeddings.py"), "--shards-dir", shards,
-            "--out-dir", out, "--target-size", "400KB", "--row-group-size", "100KB"]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "consolidate_embeddings.py"),
+        "--shards-dir",
+        shards,
+        "--out-dir",
+        out,
+        "--target-size",
+        "400KB",
+        "--row-group-size",
+        "100KB",
+    ]
 
 
 @pytest.mark.slow
@@ -271,8 +299,9 @@ def test_sigkill_at_random_moments_then_rerun_gives_same_manifest(tmp_path):
     for i in range(12):
         out = str(tmp_path / f"out{i}")
         for _ in range(2):  # kill, and kill the resumed run too
-            p = subprocess.Popen(_consolidate_cmd(shards, out), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                 text=True)
+            p = subprocess.Popen(
+                _consolidate_cmd(shards, out), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
             time.sleep(rng.uniform(0.05, full))
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
@@ -285,8 +314,11 @@ def test_sigkill_at_random_moments_then_rerun_gives_same_manifest(tmp_path):
         m = json.loads(want)
         for f in m["files"]:
             assert file_sha256(os.path.join(out, f["name"])) == f["sha256"]
-        leftovers = sorted(n for n in os.listdir(out) if n not in {f["name"] for f in m["files"]}
-                           and n not in ("manifest.json", C.LOCK))
+        leftovers = sorted(
+            n
+            for n in os.listdir(out)
+            if n not in {f["name"] for f in m["files"]} and n not in ("manifest.json", C.LOCK)
+        )
         assert leftovers == []
     assert killed >= 8  # most attempts really interrupted a run
     assert resumed >= 3  # and some of them after finished files, in the middle of writing
@@ -294,8 +326,13 @@ def test_sigkill_at_random_moments_then_rerun_gives_same_manifest(tmp_path):
 
 def test_root_script_defaults_to_embeddings_dirs(tmp_path):
     write_shards(str(tmp_path / "embeddings" / "shards"), [["a", "b"], ["c"]])
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "consolidate_embeddings.py")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "consolidate_embeddings.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "bq load --source_format=PARQUET --parquet_enable_list_inference=true" in r.stdout
     m = json.load(open(tmp_path / "embeddings" / "consolidated" / "manifest.json"))

@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 import pytest
+
 from conftest import run_cli
 from test_consolidate import META, write_shards
-
 from tweet_embed.consolidate import consolidate
 from tweet_embed.parquet import make_table, write_table
 from tweet_embed.search import SearchError, format_hits, search
@@ -55,8 +55,9 @@ def minilm_corpus(tmp_path_factory):
 
 def test_exact_text_comes_first_with_the_recorded_model(minilm_corpus):
     d = minilm_corpus
-    hits = search(CORPUS["t3"], out_dir=str(d / "consolidated"), k=3, inputs=[str(d / "tweets.jsonl")],
-                  device="cpu")
+    hits = search(
+        CORPUS["t3"], out_dir=str(d / "consolidated"), k=3, inputs=[str(d / "tweets.jsonl")], device="cpu"
+    )
     assert hits[0].id == "t3" and hits[0].score > 0.99
     assert hits[0].text == CORPUS["t3"]
     assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
@@ -66,8 +67,18 @@ def test_exact_text_comes_first_with_the_recorded_model(minilm_corpus):
 
 def test_cli_search_prints_id_score_and_text(minilm_corpus):
     d = minilm_corpus
-    r = run_cli("search", "rain storm weather", "--k", "2", "--work-dir", str(d), "--input", str(d / "tweets.jsonl"),
-                "--device", "cpu")
+    r = run_cli(
+        "search",
+        "rain storm weather",
+        "--k",
+        "2",
+        "--work-dir",
+        str(d),
+        "--input",
+        str(d / "tweets.jsonl"),
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[1].split()[2] == "t3" and CORPUS["t3"] in lines[1]

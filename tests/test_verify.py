@@ -6,9 +6,9 @@ import json
 import os
 
 import numpy as np
+
 from conftest import run_cli
 from test_consolidate import META, write_shards
-
 from tweet_embed.consolidate import consolidate
 from tweet_embed.parquet import make_table, write_table
 from tweet_embed.verify import verify

@@ -69,9 +69,26 @@ IDENTITY_KEYS = ("backend", "model", "dim", "normalize")
 EXAMPLES = 10
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
+}
 
 
 class ConsolidateError(Exception):
@@ -123,7 +140,7 @@ def _meta_of(schema: pa.Schema) -> dict[str, str]:
     for k, v in (schema.metadata or {}).items():
         key = k.decode()
         if key.startswith(META_PREFIX):
-            out[key[len(META_PREFIX):]] = v.decode()
+            out[key[len(META_PREFIX) :]] = v.decode()
     return out
 
 
@@ -168,7 +185,8 @@ def scan_shards(paths: Sequence[str]) -> tuple[list[ShardInfo], dict[str, str], 
     if len(groups) > 1:
         lines = [f"  {', '.join(k)}: {len(v)} shard(s), e.g. {v[0]}" for k, v in groups.items()]
         raise ConsolidateError(
-            "shards come from different models or dimensions and cannot go into one table:\n" + "\n".join(lines)
+            "shards come from different models or dimensions and cannot go into one table:\n"
+            + "\n".join(lines)
             + "\nmove the shards of each model into its own directory and consolidate them separately"
         )
     assert first_meta is not None
@@ -182,8 +200,12 @@ def scan_shards(paths: Sequence[str]) -> tuple[list[ShardInfo], dict[str, str], 
 # ------------------------------------------------------------------------------------------------ DuckDB
 
 
-def duckdb_connect(temp_dir: str | None, memory_limit: str = "1GB", threads: int | None = None,  # type: ignore[no-untyped-def]
-                   path: str = ":memory:"):
+def duckdb_connect(
+    temp_dir: str | None,
+    memory_limit: str = "1GB",
+    threads: int | None = None,  # type: ignore[no-untyped-def]
+    path: str = ":memory:",
+):
     """A DuckDB connection that spills to ``temp_dir`` instead of growing past ``memory_limit``."""
     import duckdb
 
@@ -212,7 +234,9 @@ class DedupeResult:
     examples: list[str]
 
 
-def find_duplicates(shards: Sequence[ShardInfo], drops_path: str, temp_dir: str, memory_limit: str) -> DedupeResult:
+def find_duplicates(
+    shards: Sequence[ShardInfo], drops_path: str, temp_dir: str, memory_limit: str
+) -> DedupeResult:
     """Write the sorted (shard index, row) list of later occurrences of repeated ids to ``drops_path``.
 
     First occurrence wins: order is shard name, then row inside the shard.
@@ -221,8 +245,10 @@ def find_duplicates(shards: Sequence[ShardInfo], drops_path: str, temp_dir: str,
     try:
         con.execute("CREATE TEMP TABLE files(idx INTEGER, filename VARCHAR)")
         con.executemany("INSERT INTO files VALUES (?, ?)", [(i, s.path) for i, s in enumerate(shards)])
-        src = (f"read_parquet({sql_list([s.path for s in shards])}, filename=true, file_row_number=true, "
-               "hive_partitioning=false)")
+        src = (
+            f"read_parquet({sql_list([s.path for s in shards])}, filename=true, file_row_number=true, "
+            "hive_partitioning=false)"
+        )
         con.execute(f"""
             CREATE TEMP TABLE drops AS
             WITH t AS (SELECT id, filename, file_row_number AS r FROM {src}),
@@ -232,12 +258,17 @@ def find_duplicates(shards: Sequence[ShardInfo], drops_path: str, temp_dir: str,
                        FROM t SEMI JOIN d ON t.id = d.id JOIN files f ON f.filename = t.filename)
             SELECT shard, rownum, id FROM o WHERE rn > 1""")
         dropped, nids = con.execute("SELECT count(*), count(DISTINCT id) FROM drops").fetchone()  # type: ignore[misc]
-        examples = [r[0] for r in con.execute(  # distinct ids, in the order of their first dropped copy
-            "SELECT id FROM drops GROUP BY id ORDER BY min({'s': shard, 'r': rownum}) "
-            f"LIMIT {EXAMPLES}").fetchall()]
+        examples = [
+            r[0]
+            for r in con.execute(  # distinct ids, in the order of their first dropped copy
+                f"SELECT id FROM drops GROUP BY id ORDER BY min({{'s': shard, 'r': rownum}}) LIMIT {EXAMPLES}"
+            ).fetchall()
+        ]
         tmp = drops_path + ".tmp"
-        con.execute(f"COPY (SELECT shard, rownum FROM drops ORDER BY shard, rownum) TO '{_sql_str(tmp)}' "
-                    "(FORMAT parquet, COMPRESSION zstd)")
+        con.execute(
+            f"COPY (SELECT shard, rownum FROM drops ORDER BY shard, rownum) TO '{_sql_str(tmp)}' "
+            "(FORMAT parquet, COMPRESSION zstd)"
+        )
         fsync_path(tmp)
         os.replace(tmp, drops_path)
     finally:
@@ -251,7 +282,9 @@ class DropList:
 
     def __init__(self, path: str | None) -> None:
         self._batches: Iterator[pa.RecordBatch] = (
-            pq.ParquetFile(path).iter_batches(batch_size=1 << 20) if path and os.path.exists(path) else iter(())
+            pq.ParquetFile(path).iter_batches(batch_size=1 << 20)
+            if path and os.path.exists(path)
+            else iter(())
         )
         self._shard = np.empty(0, np.int64)
         self._row = np.empty(0, np.int64)
@@ -268,10 +301,10 @@ class DropList:
                 self._row = b.column(1).to_numpy().astype(np.int64)
                 self._pos = 0
                 continue
-            s = self._shard[self._pos:]
+            s = self._shard[self._pos :]
             lo = int(np.searchsorted(s, shard_idx, "left"))
             hi = int(np.searchsorted(s, shard_idx, "right"))
-            out.append(self._row[self._pos + lo:self._pos + hi])
+            out.append(self._row[self._pos + lo : self._pos + hi])
             if hi < len(s):
                 self._pos += hi
                 break
@@ -304,7 +337,8 @@ class TextJoiner:
             else:
                 raise ConsolidateError(
                     f"--keep-text: id {want!r} was not found in the input (after the rows before it); give the "
-                    "same input files, in the same order, as to `tweet-embed embed`")
+                    "same input files, in the same order, as to `tweet-embed embed`"
+                )
         return out
 
 
@@ -375,8 +409,15 @@ class _Writer:
     than that.
     """
 
-    def __init__(self, out_dir: str, schema: pa.Schema, target: int, row_group_bytes: int, first_index: int,
-                 on_file: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        out_dir: str,
+        schema: pa.Schema,
+        target: int,
+        row_group_bytes: int,
+        first_index: int,
+        on_file: Callable[[dict[str, Any]], None],
+    ) -> None:
         self.out_dir, self.schema, self.target, self.rg_bytes = out_dir, schema, target, row_group_bytes
         self.index = first_index
         self.on_file = on_file
@@ -398,8 +439,13 @@ class _Writer:
     def _open(self) -> None:
         self._file = _HashingFile(self._tmp())
         self._pq = pq.ParquetWriter(
-            self._file, self.schema, compression="zstd", compression_level=1, use_dictionary=False,
-            write_statistics=["id"], write_page_index=False,
+            self._file,
+            self.schema,
+            compression="zstd",
+            compression_level=1,
+            use_dictionary=False,
+            write_statistics=["id"],
+            write_page_index=False,
         )
         self._file_unc = self._file_rows = self._file_groups = 0
         self._plan_group()
@@ -458,9 +504,16 @@ class _Writer:
         name = output_name(self.index)
         os.replace(self._tmp(), os.path.join(self.out_dir, name))
         fsync_dir(self.out_dir)
-        self.on_file({"name": name, "rows": self._file_rows, "bytes": self._file.size,
-                      "sha256": self._file.sha.hexdigest(), "row_groups": self._file_groups,
-                      "end": list(self._end)})
+        self.on_file(
+            {
+                "name": name,
+                "rows": self._file_rows,
+                "bytes": self._file.size,
+                "sha256": self._file.sha.hexdigest(),
+                "row_groups": self._file_groups,
+                "end": list(self._end),
+            }
+        )
         self._pq, self._file = None, None
         self.index += 1
 
@@ -481,8 +534,15 @@ class _Writer:
             os.unlink(self._tmp())
 
 
-def _iter_chunks(shards: Sequence[ShardInfo], start: tuple[int, int], drops: DropList, dim: int,
-                 schema: pa.Schema, joiner: TextJoiner | None, batch_rows: int = 32_768) -> Iterator[_Chunk]:
+def _iter_chunks(
+    shards: Sequence[ShardInfo],
+    start: tuple[int, int],
+    drops: DropList,
+    dim: int,
+    schema: pa.Schema,
+    joiner: TextJoiner | None,
+    batch_rows: int = 32_768,
+) -> Iterator[_Chunk]:
     """The kept rows from ``start`` (shard index, row) on, in shard-name order, as output-typed tables."""
     emb_type = schema.field("embedding").type
     fixed_row = 4 * dim + 8  # float32 values + list offset + id length prefix
@@ -541,8 +601,12 @@ class ConsolidateResult:
 
 def _fingerprint(shards: Sequence[ShardInfo], meta: dict[str, str], params: dict[str, Any]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT, "meta": {k: meta.get(k) for k in IDENTITY_KEYS}, "params": params},
-                        sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"format": FORMAT, "meta": {k: meta.get(k) for k in IDENTITY_KEYS}, "params": params},
+            sort_keys=True,
+        ).encode()
+    )
     for s in shards:
         h.update(f"\n{s.name}\t{s.bytes}\t{s.rows}".encode())
     return h.hexdigest()
@@ -577,8 +641,9 @@ def _locked(out_dir: str) -> Iterator[None]:
 
 def _foreign_entries(out_dir: str) -> list[str]:
     """Entries of ``out_dir`` a consolidation did not write (hidden names are ignored, as by all readers)."""
-    return sorted(n for n in os.listdir(out_dir)
-                  if not n.startswith(".") and n != MANIFEST and not OUTPUT_RE.match(n))
+    return sorted(
+        n for n in os.listdir(out_dir) if not n.startswith(".") and n != MANIFEST and not OUTPUT_RE.match(n)
+    )
 
 
 def _remove_ours(out_dir: str) -> None:
@@ -594,8 +659,10 @@ def _remove_ours(out_dir: str) -> None:
 def bq_load_command(manifest: dict[str, Any], table: str | None = None, gcs_prefix: str | None = None) -> str:
     """The ``bq load`` command for the output (after copying the files to Cloud Storage)."""
     prefix = (gcs_prefix or "gs://BUCKET/PATH").rstrip("/")
-    return ("bq load --source_format=PARQUET --parquet_enable_list_inference=true "
-            f"{table or 'DATASET.TABLE'} '{prefix}/{OUTPUT_PREFIX}*.parquet'")
+    return (
+        "bq load --source_format=PARQUET --parquet_enable_list_inference=true "
+        f"{table or 'DATASET.TABLE'} '{prefix}/{OUTPUT_PREFIX}*.parquet'"
+    )
 
 
 def upload_command(out_dir: str, gcs_prefix: str | None = None) -> str:
@@ -634,13 +701,19 @@ def consolidate(
     existing = read_manifest(out_dir) if os.path.isdir(out_dir) else None
     if not present and existing is None:
         if not os.path.isdir(shards_dir):
-            raise ConsolidateError(f"shards directory not found: {shards_dir} (run `tweet-embed embed` first, "
-                                   "or give --shards-dir / --work-dir)")
-        raise ConsolidateError(f"no shards in {shards_dir}: expected part-*.parquet files written by "
-                               "`tweet-embed embed`")
+            raise ConsolidateError(
+                f"shards directory not found: {shards_dir} (run `tweet-embed embed` first, "
+                "or give --shards-dir / --work-dir)"
+            )
+        raise ConsolidateError(
+            f"no shards in {shards_dir}: expected part-*.parquet files written by `tweet-embed embed`"
+        )
     os.makedirs(out_dir, exist_ok=True)
-    params = {"target_size": target, "row_group_size": rg_bytes,
-              "keep_text": [os.path.basename(p) for p in keep_text] if keep_text else None}
+    params = {
+        "target_size": target,
+        "row_group_size": rg_bytes,
+        "keep_text": [os.path.basename(p) for p in keep_text] if keep_text else None,
+    }
     result_msgs: list[str] = []
     with _locked(out_dir):
         existing = read_manifest(out_dir)
@@ -664,7 +737,8 @@ def consolidate(
             raise ConsolidateError(
                 f"{out_dir} holds other data ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); "
                 "choose an empty directory or pass --overwrite (which replaces earlier consolidation output and "
-                "leaves other files alone)")
+                "leaves other files alone)"
+            )
         fp = _fingerprint(shards, meta, params)
         staging = os.path.join(out_dir, STAGING)
         progress_path = os.path.join(staging, PROGRESS)
@@ -680,7 +754,8 @@ def consolidate(
             if stray and not overwrite:
                 raise ConsolidateError(
                     f"{out_dir} holds {len(stray)} embeddings-*.parquet file(s) that no consolidation in progress "
-                    "accounts for; pass --overwrite to replace them")
+                    "accounts for; pass --overwrite to replace them"
+                )
             _remove_ours(out_dir)
         os.makedirs(staging, exist_ok=True)
         for n in os.listdir(out_dir):  # half-written files of a killed run
@@ -690,8 +765,11 @@ def consolidate(
         if progress is None or not os.path.exists(drops_path):
             log.info("finding duplicate ids over %d shard(s), %d rows", len(shards), total_rows)
             dd = find_duplicates(shards, drops_path, staging, memory_limit)
-            progress = {"fingerprint": fp, "dedupe": {"dropped": dd.dropped, "ids": dd.ids,
-                                                      "examples": dd.examples}, "files": []}
+            progress = {
+                "fingerprint": fp,
+                "dedupe": {"dropped": dd.dropped, "ids": dd.ids, "examples": dd.examples},
+                "files": [],
+            }
             write_atomic(progress_path, _dump(progress))
         files: list[dict[str, Any]] = _valid_prefix(out_dir, progress["files"])
         resumed = len(files)
@@ -699,7 +777,7 @@ def consolidate(
             log.info("resuming after %d finished file(s)", resumed)
             result_msgs.append(f"resumed after {resumed} finished file(s)")
         for n in os.listdir(out_dir):  # outputs past the recorded ones are rewritten
-            if OUTPUT_RE.match(n) and int(n[len(OUTPUT_PREFIX):-8]) >= len(files):
+            if OUTPUT_RE.match(n) and int(n[len(OUTPUT_PREFIX) : -8]) >= len(files):
                 os.unlink(os.path.join(out_dir, n))
         progress["files"] = files
 
@@ -723,23 +801,37 @@ def consolidate(
         rows_out = sum(f["rows"] for f in progress["files"])
         dd_info = progress["dedupe"]
         if rows_out != total_rows - dd_info["dropped"]:
-            raise ConsolidateError(f"internal error: wrote {rows_out} rows, expected {total_rows} - "
-                                   f"{dd_info['dropped']} duplicates")
+            raise ConsolidateError(
+                f"internal error: wrote {rows_out} rows, expected {total_rows} - "
+                f"{dd_info['dropped']} duplicates"
+            )
         manifest = {
             "format": FORMAT,
             "fingerprint": fp,
             "metadata": dict(sorted(meta.items())),
             "dim": dim,
-            "schema": {"id": "STRING", "embedding": "ARRAY<FLOAT64> (Parquet LIST of FLOAT)",
-                       **({"text": "STRING"} if keep_text else {})},
+            "schema": {
+                "id": "STRING",
+                "embedding": "ARRAY<FLOAT64> (Parquet LIST of FLOAT)",
+                **({"text": "STRING"} if keep_text else {}),
+            },
             "params": params,
             "rows": rows_out,
-            "duplicates": {"rows_dropped": dd_info["dropped"], "ids": dd_info["ids"],
-                           "examples": dd_info["examples"]},
-            "source": {"shards": len(shards), "rows": total_rows, "bytes": sum(s.bytes for s in shards),
-                       "files": [{"name": s.name, "rows": s.rows, "bytes": s.bytes} for s in shards]},
-            "files": [{k: f[k] for k in ("name", "rows", "bytes", "sha256", "row_groups")}
-                      for f in progress["files"]],
+            "duplicates": {
+                "rows_dropped": dd_info["dropped"],
+                "ids": dd_info["ids"],
+                "examples": dd_info["examples"],
+            },
+            "source": {
+                "shards": len(shards),
+                "rows": total_rows,
+                "bytes": sum(s.bytes for s in shards),
+                "files": [{"name": s.name, "rows": s.rows, "bytes": s.bytes} for s in shards],
+            },
+            "files": [
+                {k: f[k] for k in ("name", "rows", "bytes", "sha256", "row_groups")}
+                for f in progress["files"]
+            ],
         }
         write_atomic(os.path.join(out_dir, MANIFEST), _dump(manifest))
         shutil.rmtree(staging, ignore_errors=True)
@@ -761,8 +853,9 @@ def _valid_prefix(out_dir: str, files: list[dict[str, Any]]) -> list[dict[str, A
     return ok
 
 
-def _check_existing(manifest: dict[str, Any], present: Sequence[str], params: dict[str, Any],
-                    overwrite: bool) -> str | None:
+def _check_existing(
+    manifest: dict[str, Any], present: Sequence[str], params: dict[str, Any], overwrite: bool
+) -> str | None:
     """A message when ``out_dir`` already holds this very consolidation (→ no-op), else None or an error."""
     recorded = {f["name"]: f["bytes"] for f in manifest["source"]["files"]}
     now = {os.path.basename(p): os.path.getsize(p) for p in present}
@@ -773,18 +866,23 @@ def _check_existing(manifest: dict[str, Any], present: Sequence[str], params: di
     if same_shards and same_params:
         gone = len(recorded) - len(now)
         tail = f"; {gone} of its {len(recorded)} shards were deleted since" if gone else ""
-        return (f"already consolidated: {len(manifest['files'])} file(s), {manifest['rows']} rows; "
-                f"nothing to do{tail} (--overwrite redoes it)")
+        return (
+            f"already consolidated: {len(manifest['files'])} file(s), {manifest['rows']} rows; "
+            f"nothing to do{tail} (--overwrite redoes it)"
+        )
     why = "other shards" if not same_shards else "other settings"
-    raise ConsolidateError(f"the output directory already holds a finished consolidation of {why}; "
-                           "pass --overwrite to replace it, or choose another --out-dir")
+    raise ConsolidateError(
+        f"the output directory already holds a finished consolidation of {why}; "
+        "pass --overwrite to replace it, or choose another --out-dir"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ checking
 
 
-def check_consolidated(out_dir: str, manifest: dict[str, Any], shard_paths: Sequence[str],
-                       memory_limit: str = "1GB") -> list[str]:
+def check_consolidated(
+    out_dir: str, manifest: dict[str, Any], shard_paths: Sequence[str], memory_limit: str = "1GB"
+) -> list[str]:
     """Problems that forbid deleting the shards: checksums, row counts, every shard id present exactly once."""
     problems: list[str] = []
     paths = []
@@ -815,7 +913,8 @@ def check_consolidated(out_dir: str, manifest: dict[str, Any], shard_paths: Sequ
             shard_src = f"read_parquet({sql_list(list(shard_paths))}, hive_partitioning=false)"
             (missing,) = con.execute(
                 f"SELECT count(*) FROM (SELECT DISTINCT id FROM {shard_src}) s ANTI JOIN "
-                f"(SELECT id FROM {out_src}) o ON s.id = o.id").fetchone()  # type: ignore[misc]
+                f"(SELECT id FROM {out_src}) o ON s.id = o.id"
+            ).fetchone()  # type: ignore[misc]
             if missing:
                 problems.append(f"{missing} shard id(s) are not in the output")
     finally:
@@ -824,10 +923,14 @@ def check_consolidated(out_dir: str, manifest: dict[str, Any], shard_paths: Sequ
     return problems
 
 
-def _verify_and_delete(out_dir: str, manifest: dict[str, Any], present: Sequence[str], memory_limit: str) -> int:
+def _verify_and_delete(
+    out_dir: str, manifest: dict[str, Any], present: Sequence[str], memory_limit: str
+) -> int:
     problems = check_consolidated(out_dir, manifest, present, memory_limit)
     if problems:
-        raise ConsolidateError("output failed verification; shards were NOT deleted:\n  " + "\n  ".join(problems))
+        raise ConsolidateError(
+            "output failed verification; shards were NOT deleted:\n  " + "\n  ".join(problems)
+        )
     for p in present:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)

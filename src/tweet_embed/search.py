@@ -46,25 +46,37 @@ def find_vectors(out_dir: str | None, shards_dir: str | None) -> tuple[list[str]
     if not files and shards_dir:
         files = list_shards(shards_dir)
     if not files:
-        raise SearchError(f"no vectors found: neither {out_dir}/manifest.json nor {shards_dir}/part-*.parquet "
-                          "(run `tweet-embed embed` and `tweet-embed consolidate` first)")
+        raise SearchError(
+            f"no vectors found: neither {out_dir}/manifest.json nor {shards_dir}/part-*.parquet "
+            "(run `tweet-embed embed` and `tweet-embed consolidate` first)"
+        )
     md = pq.read_schema(files[0]).metadata or {}
-    meta = {k.decode()[len(META_PREFIX):]: v.decode() for k, v in md.items() if k.decode().startswith(META_PREFIX)}
+    meta = {
+        k.decode()[len(META_PREFIX) :]: v.decode()
+        for k, v in md.items()
+        if k.decode().startswith(META_PREFIX)
+    }
     if "dim" not in meta:
         raise SearchError(f"{files[0]} has no tweet_embed.dim metadata")
     return files, meta
 
 
-def backend_embed_fn(meta: dict[str, str], urls: Sequence[str] | None = None, device: str | None = None,
-                     api_key: str | None = None) -> EmbedFn:
+def backend_embed_fn(
+    meta: dict[str, str],
+    urls: Sequence[str] | None = None,
+    device: str | None = None,
+    api_key: str | None = None,
+) -> EmbedFn:
     """Embed with the backend and model named in ``meta`` (in-process model, or the given server URLs)."""
     from .backends import make_backend
 
     kind = meta.get("backend", "local")
     normalize = meta.get("normalize", "true") == "true"
     if kind != "local" and not urls:
-        raise SearchError(f"the vectors were made by a {kind} server (model {meta.get('model')}); pass --url with "
-                          "a server that serves the same model")
+        raise SearchError(
+            f"the vectors were made by a {kind} server (model {meta.get('model')}); pass --url with "
+            "a server that serves the same model"
+        )
     if kind == "openai":
         backend = make_backend(None, meta.get("model"), normalize, openai_urls=urls, api_key=api_key)
     elif kind == "local":
@@ -77,11 +89,14 @@ def backend_embed_fn(meta: dict[str, str], urls: Sequence[str] | None = None, de
             info = await backend.start()
             try:
                 if info.dim != int(meta["dim"]):
-                    raise SearchError(f"the backend makes {info.dim}-d vectors but the files hold {meta['dim']}-d "
-                                      f"vectors of {meta.get('model')}")
+                    raise SearchError(
+                        f"the backend makes {info.dim}-d vectors but the files hold {meta['dim']}-d "
+                        f"vectors of {meta.get('model')}"
+                    )
                 if meta.get("model") and info.model != meta["model"]:
-                    log.warning("the backend reports model %s, the vectors were made by %s", info.model,
-                                meta["model"])
+                    log.warning(
+                        "the backend reports model %s, the vectors were made by %s", info.model, meta["model"]
+                    )
                 vecs = await backend.embed([text])
             finally:
                 await backend.close()

@@ -66,8 +66,14 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing.count or self.extra.count or self.duplicated.count or self.bad_dim.count
-                    or self.non_finite.count or self.file_problems)
+        return not (
+            self.missing.count
+            or self.extra.count
+            or self.duplicated.count
+            or self.bad_dim.count
+            or self.non_finite.count
+            or self.file_problems
+        )
 
     def text(self) -> str:
         lines = [
@@ -77,11 +83,13 @@ class VerifyReport:
             + f", {self.rejects} rejected line(s)",
             f"  output: {self.output_rows} row(s), dimension {self.dim}",
         ]
-        for label, f in (("missing ids (in the input, not in the output)", self.missing),
-                         ("extra ids (in the output, not in the input)", self.extra),
-                         ("duplicated ids (more than once in the output)", self.duplicated),
-                         ("vectors of the wrong dimension or NULL", self.bad_dim),
-                         ("vectors with NaN/inf", self.non_finite)):
+        for label, f in (
+            ("missing ids (in the input, not in the output)", self.missing),
+            ("extra ids (in the output, not in the input)", self.extra),
+            ("duplicated ids (more than once in the output)", self.duplicated),
+            ("vectors of the wrong dimension or NULL", self.bad_dim),
+            ("vectors with NaN/inf", self.non_finite),
+        ):
             mark = "ok" if not f.count else "FAIL"
             line = f"  [{mark}] {label}: {f.count}"
             if f.examples:
@@ -90,7 +98,10 @@ class VerifyReport:
         for p in self.file_problems:
             lines.append(f"  [FAIL] {p}")
         if self.reject_examples:
-            lines.append("  rejected input lines (not expected in the output), e.g.: " + "; ".join(self.reject_examples))
+            lines.append(
+                "  rejected input lines (not expected in the output), e.g.: "
+                + "; ".join(self.reject_examples)
+            )
         lines.append("OK: every valid id appears exactly once with a finite vector" if self.ok else "FAILED")
         return "\n".join(lines)
 
@@ -99,17 +110,31 @@ def _targets(out_dir: str | None, shards_dir: str | None) -> tuple[str, list[str
     if out_dir and os.path.isdir(out_dir):
         manifest = read_manifest(out_dir)
         if manifest is not None:
-            return f"consolidated output in {out_dir}", [os.path.join(out_dir, f["name"]) for f in manifest["files"]], manifest
+            return (
+                f"consolidated output in {out_dir}",
+                [os.path.join(out_dir, f["name"]) for f in manifest["files"]],
+                manifest,
+            )
     if shards_dir:
         shards = list_shards(shards_dir)
         if shards:
             return f"shards in {shards_dir} (not consolidated yet)", shards, None
-    where = " or ".join(d for d in (out_dir and f"{out_dir}/manifest.json", shards_dir and f"{shards_dir}/part-*.parquet") if d)
+    where = " or ".join(
+        d
+        for d in (out_dir and f"{out_dir}/manifest.json", shards_dir and f"{shards_dir}/part-*.parquet")
+        if d
+    )
     raise VerifyError(f"nothing to verify: no {where}")
 
 
-def _load_input_ids(con, inputs: Sequence[str], id_field: str, text_field: str, report: VerifyReport,  # type: ignore[no-untyped-def]
-                    examples: int) -> None:
+def _load_input_ids(
+    con,
+    inputs: Sequence[str],
+    id_field: str,
+    text_field: str,
+    report: VerifyReport,  # type: ignore[no-untyped-def]
+    examples: int,
+) -> None:
     con.execute("CREATE TABLE input_raw (id VARCHAR)")
     rejects: list[Reject] = []
     buf: list[str] = []
@@ -141,7 +166,9 @@ def _load_input_ids(con, inputs: Sequence[str], id_field: str, text_field: str, 
     flush()
 
 
-def _check_vectors(path: str, dim: int, report: VerifyReport, examples: int, batch_rows: int = 32_768) -> None:
+def _check_vectors(
+    path: str, dim: int, report: VerifyReport, examples: int, batch_rows: int = 32_768
+) -> None:
     pf = pq.ParquetFile(path)
     for batch in pf.iter_batches(batch_size=batch_rows, columns=["id", "embedding"]):
         ids = batch.column(0)
@@ -220,8 +247,11 @@ def verify(
             if checksums and file_sha256(p) != f["sha256"]:
                 report.file_problems.append(f"{f['name']}: sha256 differs from the manifest")
     if len(dims) != 1:
-        report.file_problems.append(f"files declare different dimensions: {sorted(dims)}" if dims
-                                    else "no declared dimension (tweet_embed.dim) in the files")
+        report.file_problems.append(
+            f"files declare different dimensions: {sorted(dims)}"
+            if dims
+            else "no declared dimension (tweet_embed.dim) in the files"
+        )
     if len(models) > 1:
         report.file_problems.append(f"files come from different models: {sorted(models)}")
     report.dim = min(dims) if dims else None
@@ -235,11 +265,14 @@ def verify(
             con.execute("CREATE TABLE in_ids AS SELECT DISTINCT id FROM input_raw")
             (report.input_ids,) = con.execute("SELECT count(*) FROM in_ids").fetchone()  # type: ignore[misc]
             (report.input_repeated_ids,) = con.execute(
-                "SELECT count(*) FROM (SELECT id FROM input_raw GROUP BY id HAVING count(*) > 1)").fetchone()  # type: ignore[misc]
+                "SELECT count(*) FROM (SELECT id FROM input_raw GROUP BY id HAVING count(*) > 1)"
+            ).fetchone()  # type: ignore[misc]
             con.execute("DROP TABLE input_raw")
             if present:
-                con.execute(f"CREATE TABLE out_ids AS SELECT id FROM read_parquet({sql_list(present)}, "
-                            "hive_partitioning=false)")
+                con.execute(
+                    f"CREATE TABLE out_ids AS SELECT id FROM read_parquet({sql_list(present)}, "
+                    "hive_partitioning=false)"
+                )
             else:
                 con.execute("CREATE TABLE out_ids (id VARCHAR)")
             (report.output_rows,) = con.execute("SELECT count(*) FROM out_ids").fetchone()  # type: ignore[misc]
@@ -250,7 +283,10 @@ def verify(
             ):
                 con.execute(f"CREATE OR REPLACE TEMP TABLE found AS {sql}")
                 (n,) = con.execute("SELECT count(*) FROM found").fetchone()  # type: ignore[misc]
-                ex = [r[0] for r in con.execute(f"SELECT id FROM found ORDER BY id LIMIT {int(examples)}").fetchall()]
+                ex = [
+                    r[0]
+                    for r in con.execute(f"SELECT id FROM found ORDER BY id LIMIT {int(examples)}").fetchall()
+                ]
                 finding.add(int(n), ex, examples)
         finally:
             con.close()
