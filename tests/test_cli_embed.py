@@ -14,10 +14,11 @@ import numpy as np
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli
 
 from tweet_embed.synth import synth_tweets, write_jsonl
 from tweet_embed.testserver import TEIServer, expected_vectors
+
+from conftest import ROOT, run_cli
 
 DIM = 16
 

@@ -9,11 +9,12 @@ import numpy as np
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from conftest import CountingBackend, text_vector
 
 from tweet_embed.chunks import PlanError, WorkDirs
 from tweet_embed.parquet import read_metadata
 from tweet_embed.runner import EmbedOptions, run_embed
+
+from conftest import CountingBackend, text_vector
 
 
 def corpus(path, n: int, repeat_every: int = 0) -> dict[str, str]:
@@ -133,3 +134,35 @@ def test_several_files_and_a_batch_larger_than_chunks(tmp_path) -> None:
     s = run_embed(opts(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]), lambda: CountingBackend(max_batch=1000))
     assert s.rows == 31
     assert set(read_shards(str(tmp_path / "w" / "shards"))) == set(a) | {"b1"}
+
+
+def test_parquet_input_same_chunking_markers_and_rejects(tmp_path) -> None:
+    import pyarrow as pa
+
+    ids = [f"p{i}" for i in range(130)]
+    texts: list[str | None] = [f"parquet text {i}" for i in range(130)]
+    texts[5] = None
+    texts[77] = ""
+    d = tmp_path / "export"
+    d.mkdir()
+    pq.write_table(pa.table({"id": ids[:100], "body": texts[:100]}), d / "000.parquet", row_group_size=30)
+    pq.write_table(pa.table({"id": ids[100:], "body": texts[100:]}), d / "001.parquet")
+    be = CountingBackend()
+    o = opts(tmp_path, [d], id_field="id", text_field="body")
+    s = run_embed(o, lambda: be)
+    assert s.rows == 128 and s.rejected == 2
+    out = read_shards(str(tmp_path / "w" / "shards"))
+    assert set(out) == set(ids) - {"p5", "p77"}
+    np.testing.assert_allclose(out["p9"], text_vector("parquet text 9", 8), rtol=1e-6)
+    rejects = [orjson.loads(x) for x in open(s.rejects_file, "rb")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(6, "text is null"), (78, "text is empty")]
+    again = run_embed(opts(tmp_path, [d], id_field="id", text_field="body"), lambda: be)
+    assert again.chunks_done_now == 0 and sum(be.texts.values()) == 128
+
+
+def test_directory_without_parquet_is_a_clear_error(tmp_path) -> None:
+    from tweet_embed.records import InputError
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(InputError, match="input is a directory"):
+        run_embed(opts(tmp_path, [tmp_path / "d"]), lambda: CountingBackend())

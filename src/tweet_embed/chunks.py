@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import os
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ class InputFile:
     fingerprint: str
     lines: int = 0
     damaged: str | None = None  # set when the (compressed) file is damaged; chunks before it are planned
+    kind: str = "jsonl"  # or "parquet": chunks are then row ranges [start, end) of the file
 
     def identity(self) -> dict[str, object]:
         return {"path": self.path, "size": self.size, "fingerprint": self.fingerprint}
@@ -107,13 +109,46 @@ def fingerprint(path: str, size: int) -> str:
     return h.hexdigest()[:32]
 
 
-def describe_input(path: str) -> InputFile:
+def expand_inputs(specs: list[str]) -> list[tuple[str, str]]:
+    """Input arguments → ``(path, kind)``: JSONL files as given (a glob is expanded, sorted); ``.parquet``
+    files, directories and globs of them → their Parquet files."""
+    from .parquet_input import expand_parquet_inputs, is_parquet_spec
+
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            try:
+                out += [(p, "parquet") for p in expand_parquet_inputs(spec)]
+            except InputError:
+                raise InputError(f"input is a directory, not a file: {spec} (and holds no .parquet files)") from None
+        elif is_parquet_spec(spec):
+            out += [(p, "parquet") for p in expand_parquet_inputs(spec)]
+        elif glob.has_magic(spec) and not os.path.exists(spec):
+            found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+            if not found:
+                raise InputError(f"no files match {spec}")
+            out += [(p, "jsonl") for p in found]
+        else:
+            out.append((spec, "jsonl"))
+    return out
+
+
+def describe_input(path: str, kind: str = "jsonl") -> InputFile:
     check_input_path(path)
     st = os.stat(path)
     return InputFile(
         path=os.path.abspath(path), label=path, size=st.st_size, mtime_ns=st.st_mtime_ns,
-        fingerprint=fingerprint(path, st.st_size),
+        fingerprint=fingerprint(path, st.st_size), kind=kind,
     )
+
+
+def scan_parquet(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
+    from .parquet_input import parquet_chunks
+
+    chunks = [Chunk(file_index, k, start + 1, n, start, start + n)
+              for k, (start, n) in enumerate(parquet_chunks(f.path, chunk_lines))]
+    f.lines = sum(c.n_lines for c in chunks)
+    return chunks
 
 
 def scan_file(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
@@ -173,7 +208,7 @@ def scan_file(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
 def make_plan(paths: list[str], chunk_lines: int = DEFAULT_CHUNK_LINES) -> Plan:
     if chunk_lines < 1:
         raise ValueError("chunk size must be at least 1 line")
-    files = [describe_input(p) for p in paths]
+    files = [describe_input(p, kind) for p, kind in expand_inputs(paths)]
     seen: dict[str, str] = {}
     for f in files:
         if f.path in seen:
@@ -181,7 +216,7 @@ def make_plan(paths: list[str], chunk_lines: int = DEFAULT_CHUNK_LINES) -> Plan:
         seen[f.path] = f.label
     chunks: list[Chunk] = []
     for i, f in enumerate(files):
-        chunks.extend(scan_file(f, i, chunk_lines))
+        chunks.extend(scan_parquet(f, i, chunk_lines) if f.kind == "parquet" else scan_file(f, i, chunk_lines))
     return Plan(files, chunks, chunk_lines)
 
 
@@ -358,7 +393,7 @@ def load_or_create_plan(
     except FileNotFoundError:
         stored = None
     if stored is not None:
-        current = [describe_input(p) for p in paths]
+        current = [describe_input(p, kind) for p, kind in expand_inputs(paths)]
         same = (
             stored.chunk_lines == chunk_lines
             and len(current) == len(stored.files)
@@ -408,6 +443,8 @@ def iter_chunk_bytes(plan: Plan, wanted: list[Chunk]) -> Iterator[tuple[Chunk, b
         by_file.setdefault(c.file_index, []).append(c)
     for fi in sorted(by_file):
         f = plan.files[fi]
+        if f.kind != "jsonl":
+            raise ValueError(f"{f.label} is not line-delimited input")
         todo = sorted(by_file[fi], key=lambda c: c.start)
         try:
             with open_binary(f.path) as fh:

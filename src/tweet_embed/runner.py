@@ -20,6 +20,7 @@ from .backends.base import Backend, BackendInfo
 from .chunks import (
     DEFAULT_CHUNK_LINES,
     Chunk,
+    InputFile,
     Plan,
     PlanError,
     WorkDirs,
@@ -88,10 +89,33 @@ class Summary:
         return "\n".join(lines)
 
 
+def read_parquet_block(f: InputFile, chunk: Chunk, id_field: str, text_field: str) -> ParsedBlock:
+    """A Parquet chunk (a row range) as a parsed block; line numbers are 1-based row numbers."""
+    from .parquet_input import read_parquet_chunk
+
+    ids, texts, rejects = read_parquet_chunk(f.path, chunk.start, chunk.n_lines, id_field, text_field, f.label)
+    rejected = {r.line for r in rejects}
+    lines = [n for n in range(chunk.first_line, chunk.first_line + chunk.n_lines) if n not in rejected]
+    return ParsedBlock(ids, texts, lines, rejects)
+
+
 def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterator[tuple[Chunk, ParsedBlock]]:
-    for chunk, data in iter_chunk_bytes(plan, pending):
-        f = plan.files[chunk.file_index]
-        yield chunk, parse_lines(data, chunk.first_line, f.label, opts.id_field, opts.text_field)
+    """Parsed chunks in plan order: JSONL files read sequentially once, Parquet chunks by row range."""
+    runs: list[tuple[str, list[Chunk]]] = []
+    for c in pending:
+        kind = plan.files[c.file_index].kind
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(c)
+        else:
+            runs.append((kind, [c]))
+    for kind, chunks in runs:
+        if kind == "parquet":
+            for c in chunks:
+                yield c, read_parquet_block(plan.files[c.file_index], c, opts.id_field, opts.text_field)
+            continue
+        for chunk, data in iter_chunk_bytes(plan, chunks):
+            f = plan.files[chunk.file_index]
+            yield chunk, parse_lines(data, chunk.first_line, f.label, opts.id_field, opts.text_field)
 
 
 def merge_rejects(dirs: WorkDirs, plan: Plan) -> str | None:
