@@ -90,7 +90,7 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .backends import BackendError, make_backend, read_api_key
+    from .backends import BackendError, BackendSpec, read_api_key
     from .backends.pool import redact_url
     from .chunks import PlanError
     from .records import InputError
@@ -108,12 +108,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
 
-    def backend():  # type: ignore[no-untyped-def]
-        return make_backend(
-            args.tei_urls, args.model, args.normalize, openai_urls=args.openai_urls, api_key=api_key,
-            batch_size=args.batch_size, request_timeout=args.request_timeout,
-            max_retry_time=args.max_retry_time, insecure=args.insecure, device=args.device,
-        )
+    spec = BackendSpec(
+        urls=tuple(args.tei_urls or ()), openai_urls=tuple(args.openai_urls or ()), model=args.model,
+        normalize=args.normalize, api_key=api_key, batch_size=args.batch_size,
+        request_timeout=args.request_timeout, max_retry_time=args.max_retry_time, insecure=args.insecure,
+        device=args.device,
+    )
 
     opts = EmbedOptions(
         inputs=inputs, dirs=dirs_from_args(args), chunk_lines=args.chunk_size, id_field=args.id_field,
@@ -124,7 +124,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     log.info("tweet-embed %s: %d input file(s) → %s (%s)", __version__, len(inputs), opts.dirs.shards,
              ", ".join(urls) if urls else "in-process model")
     try:
-        summary = run_embed(opts, backend)
+        summary = run_embed(opts, spec.build)
     except PlanError as exc:
         log.error("%s", exc)
         return EXIT_LOCKED if "already running" in str(exc) else EXIT_ERROR

@@ -10,10 +10,11 @@ import os
 import stat
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
 
 from .base import Backend, BackendError, BackendInfo
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "make_backend", "read_api_key", "is_openai_url"]
+__all__ = ["Backend", "BackendError", "BackendInfo", "BackendSpec", "make_backend", "read_api_key", "is_openai_url"]
 
 DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
 KEY_ENV = ("TWEET_EMBED_API_KEY", "OPENAI_API_KEY")
@@ -86,3 +87,37 @@ def make_backend(
     from .local import LocalBackend
 
     return LocalBackend(model or DEFAULT_LOCAL_MODEL, device=device, normalize=normalize, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A picklable description of a backend, so worker processes (per GPU, or Ray tasks) build their own.
+
+    ``api_key`` is excluded from ``repr`` so it never reaches a log line or a traceback.
+    """
+
+    urls: tuple[str, ...] = ()
+    openai_urls: tuple[str, ...] = ()
+    model: str | None = None
+    normalize: bool = True
+    api_key: str | None = field(default=None, repr=False)
+    batch_size: int | None = None
+    request_timeout: float = 60.0
+    max_retry_time: float = 600.0
+    insecure: bool = False
+    device: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return not split_urls(self.urls) and not split_urls(self.openai_urls)
+
+    def on_device(self, device: str | None) -> BackendSpec:
+        return replace(self, device=device)
+
+    def build(self, decode_executor: Executor | None = None) -> Backend:
+        return make_backend(
+            self.urls, self.model, self.normalize, openai_urls=self.openai_urls, api_key=self.api_key,
+            batch_size=self.batch_size, request_timeout=self.request_timeout,
+            max_retry_time=self.max_retry_time, insecure=self.insecure, device=self.device,
+            decode_executor=decode_executor,
+        )
