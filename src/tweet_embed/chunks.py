@@ -16,12 +16,13 @@ import fcntl
 import glob
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import orjson
 
-from .parquet import fsync_dir, write_atomic
+from . import storage
 from .records import InputError, check_input_path, is_compressed, open_binary
 
 MANIFEST = "manifest.json"
@@ -101,7 +102,7 @@ def fingerprint(path: str, size: int) -> str:
     """
     h = hashlib.sha256(str(size).encode())
     sample = 1 << 16
-    with open(path, "rb") as fh:
+    with storage.open_raw(path) as fh:
         offsets = {0, max(0, size - sample)} | {size * i // 17 for i in range(1, 17)}
         for off in sorted(offsets):
             fh.seek(off)
@@ -135,10 +136,10 @@ def expand_inputs(specs: list[str]) -> list[tuple[str, str]]:
 
 def describe_input(path: str, kind: str = "jsonl") -> InputFile:
     check_input_path(path)
-    st = os.stat(path)
+    size, mtime_ns = storage.stat(path)
     return InputFile(
-        path=os.path.abspath(path), label=path, size=st.st_size, mtime_ns=st.st_mtime_ns,
-        fingerprint=fingerprint(path, st.st_size), kind=kind,
+        path=storage.absolute(path), label=path, size=size, mtime_ns=mtime_ns,
+        fingerprint=fingerprint(path, size), kind=kind,
     )
 
 
@@ -221,7 +222,10 @@ def make_plan(paths: list[str], chunk_lines: int = DEFAULT_CHUNK_LINES) -> Plan:
 
 
 class WorkDirs:
-    """The three directories of a run: staging (tmp), markers (progress) and final shards (output)."""
+    """The three directories of a run: staging (tmp), markers (progress) and final shards (output).
+
+    progress and shards may be object-store URIs (``s3://bucket/run/progress``); tmp is always local.
+    """
 
     def __init__(self, tmp: str, progress: str, shards: str) -> None:
         self.tmp, self.progress, self.shards = tmp, progress, shards
@@ -231,6 +235,9 @@ class WorkDirs:
         cls, work_dir: str | None, tmp: str | None, progress: str | None, shards: str | None
     ) -> WorkDirs:
         base = work_dir or "embeddings"
+        if tmp is None and storage.is_uri(base):  # staging stays on local disk, one per machine
+            tag = hashlib.sha256(base.encode()).hexdigest()[:12]
+            tmp = os.path.join(tempfile.gettempdir(), f"tweet-embed-{tag}")
         return cls(
             tmp or os.path.join(base, "tmp"),
             progress or os.path.join(base, "progress"),
@@ -239,7 +246,7 @@ class WorkDirs:
 
     def create(self) -> None:
         for d in (self.tmp, self.progress, self.shards, os.path.join(self.progress, REJECTS_DIR)):
-            os.makedirs(d, exist_ok=True)
+            storage.makedirs(d)
 
     def shard_path(self, chunk: Chunk) -> str:
         return os.path.join(self.shards, chunk.name + ".parquet")
@@ -280,16 +287,14 @@ class WorkDirs:
 
     def reset(self) -> None:
         """``--restart``: forget markers, manifest, plan and shards of this run (nothing else)."""
+        doomed = []
         for d, suffixes in ((self.progress, (".done", ".json", ".jsonl")), (self.shards, (".parquet",))):
-            if not os.path.isdir(d):
-                continue
-            for name in os.listdir(d):
+            for name in storage.list_names(d):
                 if name.endswith(suffixes) and (name.startswith("part-") or name in (MANIFEST, PLAN, "rejects.jsonl")):
-                    os.unlink(os.path.join(d, name))
+                    doomed.append(os.path.join(d, name))
         rdir = os.path.join(self.progress, REJECTS_DIR)
-        if os.path.isdir(rdir):
-            for name in os.listdir(rdir):
-                os.unlink(os.path.join(rdir, name))
+        doomed += [os.path.join(rdir, name) for name in storage.list_names(rdir)]
+        storage.parallel_map(storage.delete, doomed, storage.is_uri(self.progress) or storage.is_uri(self.shards))
         self.clean_tmp()
 
 
@@ -309,36 +314,44 @@ class Marker:
 
 
 def read_marker(path: str) -> Marker | None:
-    try:
-        with open(path, "rb") as fh:
-            return Marker(**orjson.loads(fh.read()))
-    except FileNotFoundError:
+    data = storage.read_bytes(path)
+    if data is None:
         return None
+    try:
+        return Marker(**orjson.loads(data))
     except (orjson.JSONDecodeError, TypeError):
         return None  # a marker is written atomically; an unreadable one is treated as absent
 
 
 def write_marker(dirs: WorkDirs, chunk: Chunk, marker: Marker) -> None:
-    write_atomic(dirs.marker_path(chunk), marker.to_json())
+    storage.write_bytes(dirs.marker_path(chunk), marker.to_json())
 
 
 def done_markers(dirs: WorkDirs) -> dict[str, Marker]:
-    out: dict[str, Marker] = {}
-    if not os.path.isdir(dirs.progress):
-        return out
-    for entry in os.scandir(dirs.progress):
-        if entry.name.startswith("part-") and entry.name.endswith(".done"):
-            m = read_marker(entry.path)
-            if m is not None:
-                out[m.chunk] = m
-    return out
+    names = [n for n in storage.list_names(dirs.progress) if n.startswith("part-") and n.endswith(".done")]
+    found = storage.parallel_map(read_marker, [os.path.join(dirs.progress, n) for n in names],
+                                 storage.is_uri(dirs.progress))
+    return {m.chunk: m for m in found if m is not None}
+
+
+def finished_chunks(dirs: WorkDirs, plan: Plan, markers: dict[str, Marker]) -> set[str]:
+    """Chunks whose marker and shard are both there (the shards dir is listed once, not probed per chunk)."""
+    shards = set(storage.list_names(dirs.shards))
+    return {c.name for c in plan.chunks if c.name in markers and c.name + ".parquet" in shards}
 
 
 class WorkLock:
     """An exclusive ``flock`` on the progress dir: released by the kernel even after ``kill -9``."""
 
     def __init__(self, progress_dir: str) -> None:
-        self.path = os.path.join(progress_dir, LOCK)
+        if storage.is_uri(progress_dir):
+            # object stores cannot lock: this guards one machine; run one driver per work dir (README)
+            tag = hashlib.sha256(progress_dir.encode()).hexdigest()[:12]
+            self.path = os.path.join(tempfile.gettempdir(), f"tweet-embed-{tag}.lock")
+            self.label = progress_dir
+        else:
+            self.path = os.path.join(progress_dir, LOCK)
+            self.label = os.path.dirname(self.path)
         self.fd: int | None = None
 
     def acquire(self) -> None:
@@ -352,7 +365,7 @@ class WorkLock:
             finally:
                 os.close(fd)
             raise PlanError(
-                f"another tweet-embed process is already running on {os.path.dirname(self.path)}"
+                f"another tweet-embed process is already running on {self.label}"
                 + (f" (pid {holder})" if holder else "")
             ) from None
         os.ftruncate(fd, 0)
@@ -387,11 +400,8 @@ def load_or_create_plan(
     dirs: WorkDirs, paths: list[str], chunk_lines: int
 ) -> tuple[Plan, bool]:
     """Reuse the stored plan when the inputs are unchanged, else scan. Returns (plan, reused)."""
-    try:
-        with open(dirs.plan_path, "rb") as fh:
-            stored = Plan.from_json(fh.read())
-    except FileNotFoundError:
-        stored = None
+    data = storage.read_bytes(dirs.plan_path)
+    stored = Plan.from_json(data) if data is not None else None
     if stored is not None:
         current = [describe_input(p, kind) for p, kind in expand_inputs(paths)]
         same = (
@@ -411,19 +421,18 @@ def load_or_create_plan(
             + "use --restart to start over, or another --work-dir"
         )
     plan = make_plan(paths, chunk_lines)
-    write_atomic(dirs.plan_path, plan.to_json())
+    storage.write_bytes(dirs.plan_path, plan.to_json())
     return plan, False
 
 
 def check_manifest(dirs: WorkDirs, key: dict[str, object]) -> None:
     """Refuse to mix runs: the stored manifest must match this run's key; write it on first use."""
-    try:
-        with open(dirs.manifest_path, "rb") as fh:
-            stored = orjson.loads(fh.read())
-    except FileNotFoundError:
-        write_atomic(dirs.manifest_path, orjson.dumps(key, option=orjson.OPT_INDENT_2))
-        fsync_dir(dirs.progress)
+    data = storage.read_bytes(dirs.manifest_path)
+    if data is None:
+        storage.write_bytes(dirs.manifest_path, orjson.dumps(key, option=orjson.OPT_INDENT_2))
+        storage.sync_dir(dirs.progress)
         return
+    stored = orjson.loads(data)
     diffs = [k for k in key if stored.get(k) != key[k]]
     if diffs:
         lines = [f"  {k}: was {stored.get(k)!r}, now {key[k]!r}" for k in diffs]

@@ -27,6 +27,8 @@ from typing import BinaryIO
 
 import orjson
 
+from .storage import is_uri, open_input, stat
+
 BOM = b"\xef\xbb\xbf"
 SNIPPET_CHARS = 200
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -142,6 +144,16 @@ def _short_repr(value: object) -> str:
 
 def check_input_path(path: str) -> None:
     """Raise :class:`InputError` with a clear message when ``path`` cannot be read as input."""
+    if is_uri(path):
+        try:
+            stat(path)
+        except FileNotFoundError:
+            raise InputError(f"input file not found: {path}") from None
+        except IsADirectoryError:
+            raise InputError(f"input is a directory, not a file: {path} (give the files inside it)") from None
+        except OSError as exc:
+            raise InputError(f"input file is not readable: {path}: {exc}") from exc
+        return
     if not os.path.exists(path):
         raise InputError(f"input file not found: {path}")
     if os.path.isdir(path):
@@ -153,6 +165,8 @@ def check_input_path(path: str) -> None:
 def open_binary(path: str) -> BinaryIO:
     """Open an input file for reading its decompressed bytes (plain, ``.gz`` or ``.zst``)."""
     check_input_path(path)
+    if is_uri(path):  # s3://, gs://...: pyarrow decompresses
+        return open_input(path)
     lower = path.lower()
     if lower.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
