@@ -33,6 +33,12 @@ from ..parquet import fsync_dir, publish, write_atomic
 from ..records import clean_text
 
 STATE_VERSION = 1
+
+# Why a source row was not written (the counts are in the summary and the state file).
+SKIP_INVALID_ID = "invalid _id"
+SKIP_TEXT_MISSING = "text missing"
+SKIP_TEXT_NOT_STRING = "text not a string"
+SKIP_TEXT_EMPTY = "text empty"
 _UNSET: Any = object()
 
 
@@ -256,7 +262,8 @@ class ResumableJsonlWriter:
     def write(self, rid: str, text: str, position: Any = _UNSET) -> None:
         self.write_lines(encode_line(rid, text), 1, position)
 
-    def write_lines(self, data: bytes, n: int, position: Any = _UNSET) -> None:
+    def write_lines(self, data: bytes, n: int, position: Any = _UNSET,
+                    skipped: Mapping[str, int] | None = None) -> None:
         """Write ``n`` encoded lines; ``position`` is the source's place after them (opaque here).
 
         The writer is *busy* from the first byte until ``position`` is recorded; a write that fails or is
@@ -269,6 +276,8 @@ class ResumableJsonlWriter:
         self._fh.write(self._codec.compress(data))
         self.rows += n
         self._since_commit += n
+        for reason, k in (skipped or {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + k
         if position is not _UNSET:
             self.position = position
         self._busy = False
@@ -282,6 +291,12 @@ class ResumableJsonlWriter:
         if position is not _UNSET:
             self.position = position
         self._busy = False
+
+    def advance(self, position: Any) -> None:
+        """Move the position without writing (e.g. a source stream that ended)."""
+        if self._busy:
+            raise ExportError("an earlier write failed; the export must be resumed from its last commit")
+        self.position = position
 
     def due(self) -> bool:
         return self._since_commit >= self.commit_rows or (

@@ -21,7 +21,15 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .jsonl_writer import ExportError, ExportResult, ResumableJsonlWriter
+from .jsonl_writer import (
+    SKIP_INVALID_ID,
+    SKIP_TEXT_EMPTY,
+    SKIP_TEXT_MISSING,
+    SKIP_TEXT_NOT_STRING,
+    ExportError,
+    ExportResult,
+    ResumableJsonlWriter,
+)
 
 log = logging.getLogger("tweet_embed")
 
@@ -42,11 +50,6 @@ _TYPE_ORDER: list[list[str]] = [
     ["regex"],
     ["maxKey"],
 ]
-
-SKIP_INVALID_ID = "invalid _id"
-SKIP_TEXT_MISSING = "text missing"
-SKIP_TEXT_NOT_STRING = "text not a string"
-SKIP_TEXT_EMPTY = "text empty"
 
 
 def require_pymongo() -> None:
