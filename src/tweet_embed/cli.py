@@ -75,6 +75,8 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
                                           "$TWEET_EMBED_API_KEY or $OPENAI_API_KEY")
     g.add_argument("--insecure", action="store_true", help="do not verify HTTPS certificates")
     g.add_argument("--device", help="local model device (cpu, cuda, cuda:1); default: CUDA if present")
+    g.add_argument("--devices", help="several GPUs on this machine, one worker process each: 'all' or "
+                                     "'0,1,2,3' (local model only)")
     add_dir_options(p)
     g = p.add_argument_group("input and chunks")
     g.add_argument("--id-field", default="_id")
@@ -84,9 +86,17 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dedupe-texts", action="store_true", help="embed identical texts in a chunk once")
     g.add_argument("--restart", action="store_true", help="forget earlier progress in these directories")
     g.add_argument("--chunks-in-flight", type=int, default=3, help="chunks embedded at once")
+    g.add_argument("--workers", type=int, help="processes that decode server answers (JSON floats); "
+                                               "default: all cores; 1 = a thread in this process")
     g.add_argument("--log-interval", type=float, default=5.0, help="seconds between speed lines")
     g.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_embed)
+
+
+def _all_cores() -> int:
+    from .decode import default_workers
+
+    return default_workers()
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -112,19 +122,34 @@ def cmd_embed(args: argparse.Namespace) -> int:
         urls=tuple(args.tei_urls or ()), openai_urls=tuple(args.openai_urls or ()), model=args.model,
         normalize=args.normalize, api_key=api_key, batch_size=args.batch_size,
         request_timeout=args.request_timeout, max_retry_time=args.max_retry_time, insecure=args.insecure,
-        device=args.device,
+        device=args.device, workers=args.workers if args.workers is not None else _all_cores(),
     )
 
+    devices = None
+    if args.devices:
+        if not spec.is_local:
+            log.error("--devices is for the in-process model; servers are given with --tei-urls")
+            return EXIT_USAGE
+        from .backends.local import resolve_devices
+
+        try:
+            devices = resolve_devices(args.devices)
+        except BackendError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
     opts = EmbedOptions(
         inputs=inputs, dirs=dirs_from_args(args), chunk_lines=args.chunk_size, id_field=args.id_field,
         text_field=args.text_field, dedupe_texts=args.dedupe_texts, restart=args.restart,
         chunks_in_flight=args.chunks_in_flight, log_interval=args.log_interval, max_chunks=args.max_chunks,
+        devices=devices,
     )
+    if devices and len(devices) == 1:
+        spec = spec.on_device(devices[0])
     urls = [redact_url(u) for u in (args.tei_urls or []) + (args.openai_urls or [])]
     log.info("tweet-embed %s: %d input file(s) → %s (%s)", __version__, len(inputs), opts.dirs.shards,
              ", ".join(urls) if urls else "in-process model")
     try:
-        summary = run_embed(opts, spec.build)
+        summary = run_embed(opts, spec)
     except PlanError as exc:
         log.error("%s", exc)
         return EXIT_LOCKED if "already running" in str(exc) else EXIT_ERROR

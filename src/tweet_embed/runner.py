@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import __version__
+from . import __version__, storage
+from .backends import BackendSpec
 from .backends.base import Backend, BackendInfo
 from .chunks import (
     DEFAULT_CHUNK_LINES,
+    REJECTS_DIR,
     Chunk,
     InputFile,
     Plan,
@@ -27,11 +29,11 @@ from .chunks import (
     WorkLock,
     check_manifest,
     done_markers,
+    finished_chunks,
     iter_chunk_bytes,
     load_or_create_plan,
     manifest_key,
 )
-from .parquet import write_atomic
 from .progress import Progress
 from .records import InputError, ParsedBlock, parse_lines
 from .worker import commit_chunk, embed_block
@@ -51,6 +53,7 @@ class EmbedOptions:
     chunks_in_flight: int = 3
     log_interval: float = 5.0
     max_chunks: int | None = None  # stop after this many chunks (tests, dry runs)
+    devices: list[str] | None = None  # more than one: one worker process per device (engines/devices.py)
 
 
 @dataclass
@@ -120,18 +123,14 @@ def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterat
 
 def merge_rejects(dirs: WorkDirs, plan: Plan) -> str | None:
     """Rebuild ``rejects.jsonl`` from the per-chunk files, in input order (identical after any resume)."""
-    parts = []
-    for c in plan.chunks:
-        p = dirs.rejects_path(c)
-        if os.path.exists(p):
-            with open(p, "rb") as fh:
-                parts.append(fh.read())
+    present = set(storage.list_names(os.path.join(dirs.progress, REJECTS_DIR)))
+    paths = [dirs.rejects_path(c) for c in plan.chunks if c.name + ".jsonl" in present]
+    parts = [b for b in storage.parallel_map(storage.read_bytes, paths, storage.is_uri(dirs.progress)) if b]
     target = dirs.merged_rejects_path
     if not parts:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(target)
+        storage.delete(target)
         return None
-    write_atomic(target, b"".join(parts))
+    storage.write_bytes(target, b"".join(parts))
     return target
 
 
@@ -139,7 +138,9 @@ def output_options(opts: EmbedOptions, info: BackendInfo) -> dict[str, object]:
     return {"normalize": info.normalize, "id_field": opts.id_field, "text_field": opts.text_field}
 
 
-async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend]) -> Summary:
+async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend] | BackendSpec) -> Summary:
+    """Plan, skip finished chunks, embed the rest. ``make_backend`` is a factory or a picklable spec
+    (a spec is needed for several devices, whose worker processes build their own backends)."""
     dirs = opts.dirs
     t0 = time.monotonic()
     summary = Summary(shards_dir=dirs.shards)
@@ -152,8 +153,7 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
             log.info("removed %d leftover staging files of an earlier run", cleaned)
         plan, reused = await asyncio.to_thread(load_or_create_plan, dirs, opts.inputs, opts.chunk_lines)
         markers = done_markers(dirs)
-        done = {c.name for c in plan.chunks
-                if c.name in markers and os.path.exists(dirs.shard_path(c))}
+        done = finished_chunks(dirs, plan, markers)
         pending = [c for c in plan.chunks if c.name not in done]
         if opts.max_chunks is not None:
             pending = pending[: opts.max_chunks]
@@ -162,8 +162,19 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         damaged = [f.damaged for f in plan.files if f.damaged]
         if reused and done:
             log.info("resuming: %d of %d chunks already done", len(done), len(plan.chunks))
-        if pending:
-            await _run_pending(opts, plan, pending, make_backend, summary)
+        if pending and opts.devices and len(opts.devices) > 1:
+            spec = make_backend
+            if not isinstance(spec, BackendSpec):
+                raise TypeError("several devices need a BackendSpec, not a backend factory")
+            from .engines.devices import run_on_devices
+
+            job = {"id_field": opts.id_field, "text_field": opts.text_field, "dedupe_texts": opts.dedupe_texts}
+            out = {"id_field": opts.id_field, "text_field": opts.text_field}
+            await asyncio.to_thread(run_on_devices, opts.devices, spec, plan, pending, dirs, job, out,
+                                    __version__, summary, opts.log_interval)
+        elif pending:
+            factory = make_backend.build if isinstance(make_backend, BackendSpec) else make_backend
+            await _run_pending(opts, plan, pending, factory, summary)
         else:
             log.info("all %d chunks are already done; nothing to send", len(plan.chunks))
         for m in done_markers(dirs).values():
@@ -244,7 +255,7 @@ async def _run_pending(
         reader.shutdown(wait=False, cancel_futures=True)
 
 
-def run_embed(opts: EmbedOptions, make_backend: Callable[[], Backend]) -> Summary:
+def run_embed(opts: EmbedOptions, make_backend: Callable[[], Backend] | BackendSpec) -> Summary:
     """Run (or resume) an embed job to completion; raises PlanError / InputError / BackendError."""
     return asyncio.run(run_embed_async(opts, make_backend))
 
