@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import storage
 from .backends.base import Backend, BackendInfo
 from .backends.pool import BatchRefused
-from .chunks import Chunk, Marker, WorkDirs, write_marker
-from .parquet import file_sha256, make_table, publish, write_atomic, write_table
-from .records import SNIPPET_CHARS, ParsedBlock, Reject
+from .chunks import Chunk, InputFile, Marker, WorkDirs, write_marker
+from .parquet import file_sha256, make_table, write_table
+from .records import SNIPPET_CHARS, ParsedBlock, Reject, parse_lines, read_range
 
 MAX_BATCH_CHARS = 400_000  # keeps request bodies well under TEI's 2 MB payload limit
 
@@ -113,22 +114,26 @@ async def embed_block(
 
 
 def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: dict[str, str]) -> Marker:
-    """Temporary file, fsync, atomic publish into the shards dir, rejects, then the marker. Blocking."""
+    """Temporary file, fsync, atomic publish into the shards dir, rejects, then the marker. Blocking.
+
+    On an object store the shard is uploaded straight to its final key (a PUT is all or nothing) and the
+    marker, written last, is the commit: see :mod:`tweet_embed.storage`.
+    """
     tmp = dirs.tmp_path(chunk)
+    os.makedirs(dirs.tmp, exist_ok=True)  # a Ray worker on another machine may not have it yet
     try:
         write_table(make_table(result.ids, result.vectors, metadata), tmp)
         sha = file_sha256(tmp)
-        publish(tmp, dirs.shard_path(chunk))
+        storage.upload_file(tmp, dirs.shard_path(chunk))
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     rpath = dirs.rejects_path(chunk)
     if result.rejects:
-        write_atomic(rpath, b"".join(r.to_json() + b"\n" for r in result.rejects))
+        storage.write_bytes(rpath, b"".join(r.to_json() + b"\n" for r in result.rejects))
     else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(rpath)
+        storage.delete(rpath)
     marker = Marker(
         chunk=chunk.name, rows=len(result.ids), rejects=len(result.rejects), sha256=sha,
         shard=os.path.basename(dirs.shard_path(chunk)), first_line=chunk.first_line, n_lines=chunk.n_lines,
@@ -136,3 +141,35 @@ def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: di
     )
     write_marker(dirs, chunk, marker)
     return marker
+
+
+@dataclass(frozen=True)
+class ChunkOptions:
+    """The run options a chunk's work depends on (picklable: sent to Ray tasks with each chunk)."""
+
+    id_field: str = "_id"
+    text_field: str = "text"
+    dedupe_texts: bool = False
+
+
+def read_block(f: InputFile, chunk: Chunk, copts: ChunkOptions, data: bytes | None = None) -> ParsedBlock:
+    """One chunk's rows, read on their own: ``data`` when the caller already has the bytes, else a seek
+    (plain JSONL, Parquet row range) or a decompress-and-skip from the start (``.gz``/``.zst``)."""
+    if f.kind == "parquet":
+        from .runner import read_parquet_block
+
+        return read_parquet_block(f, chunk, copts.id_field, copts.text_field)
+    if data is None:
+        data = read_range(f.path, chunk.start, chunk.end)
+    return parse_lines(data, chunk.first_line, f.label, copts.id_field, copts.text_field)
+
+
+async def process_chunk(
+    f: InputFile, chunk: Chunk, dirs: WorkDirs, backend: Backend, info: BackendInfo, metadata: dict[str, str],
+    copts: ChunkOptions, *, data: bytes | None = None, limiter: asyncio.Semaphore | None = None,
+) -> Marker:
+    """Read, parse, embed and commit one chunk: the whole unit of work of a Ray task or actor call."""
+    block = await asyncio.to_thread(read_block, f, chunk, copts, data)
+    result = await embed_block(backend, block, info, dedupe=copts.dedupe_texts, limiter=limiter,
+                               file_label=f.label)
+    return await asyncio.to_thread(commit_chunk, dirs, chunk, result, metadata)
