@@ -247,7 +247,7 @@ def iter_records(
 ) -> Iterator[tuple[str, str]]:
     """Stream the valid ``(id, text)`` records of one input file (used by verify and --keep-text)."""
     with open_binary(path) as fh:
-        buf = io.BufferedReader(fh, 1 << 20) if is_compressed(path) else fh  # type: ignore[arg-type]
+        buf = io.BufferedReader(fh, 1 << 20) if is_compressed(path) else fh  # type: ignore[arg-type,type-var]
         lineno = 0
         try:
             for raw in buf:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import __version__, storage
 from .backends import BackendSpec
@@ -54,6 +55,7 @@ class EmbedOptions:
     log_interval: float = 5.0
     max_chunks: int | None = None  # stop after this many chunks (tests, dry runs)
     devices: list[str] | None = None  # more than one: one worker process per device (engines/devices.py)
+    ray: Any = None  # an engines.ray.RayOptions: schedule the chunks on a Ray cluster (engines/ray.py)
 
 
 @dataclass
@@ -162,14 +164,18 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         damaged = [f.damaged for f in plan.files if f.damaged]
         if reused and done:
             log.info("resuming: %d of %d chunks already done", len(done), len(plan.chunks))
-        if pending and opts.devices and len(opts.devices) > 1:
+        if pending and opts.ray is not None:
+            from .engines.ray import run_on_ray
+
+            await run_on_ray(opts, make_backend, plan, pending, summary)
+        elif pending and opts.devices and len(opts.devices) > 1:
             spec = make_backend
             if not isinstance(spec, BackendSpec):
                 raise TypeError("several devices need a BackendSpec, not a backend factory")
             from .engines.devices import run_on_devices
 
             job = {"id_field": opts.id_field, "text_field": opts.text_field, "dedupe_texts": opts.dedupe_texts}
-            out = {"id_field": opts.id_field, "text_field": opts.text_field}
+            out: dict[str, object] = {"id_field": opts.id_field, "text_field": opts.text_field}
             await asyncio.to_thread(run_on_devices, opts.devices, spec, plan, pending, dirs, job, out,
                                     __version__, summary, opts.log_interval)
         elif pending:
