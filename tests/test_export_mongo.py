@@ -309,3 +309,44 @@ def test_real_server_export_and_resume(tmp_path, monkeypatch):
     finally:
         client.drop_database(dbname)
         client.close()
+
+
+# --- the command line ------------------------------------------------------------------------------------
+
+def test_cli_export_mongo(server, tmp_path, capsys):
+    from tweet_embed import cli
+
+    out = str(tmp_path / "cli.jsonl.gz")
+    seen: dict[str, Any] = {}
+
+    def respond() -> None:  # the server side runs in a thread: cli.main installs a signal handler
+        reply_count(server, 2)
+        find = receive_find(server)
+        seen.update(find.doc)
+        find.reply(first_batch([{"_id": OIDS[0], "text": "a"}, {"_id": OIDS[1], "text": 3}], 0))
+
+    responder = go(respond)
+    code = cli.main(["export", "mongo", "--uri", server.uri + "/?serverSelectionTimeoutMS=5000",
+                     "--db", "db", "--collection", "tweets", "--query", '{"lang": "en"}',
+                     "--batch-size", "10", "--out", out])
+    responder()
+    assert code == 0
+    assert seen["filter"] == {"lang": "en"} and seen["batchSize"] == 10
+    assert read_jsonl(out) == [{"_id": str(OIDS[0]), "text": "a"}]
+    printed = capsys.readouterr().out
+    assert "wrote 1 rows" in printed and "text not a string: 1" in printed
+
+
+def test_cli_missing_pymongo_says_which_extra(monkeypatch, tmp_path, caplog):
+    from tweet_embed import cli
+
+    monkeypatch.setitem(sys.modules, "pymongo", None)
+    code = cli.main(["export", "mongo", "--db", "d", "--collection", "c", "--out", str(tmp_path / "o.jsonl")])
+    assert code == 2
+
+
+def test_cli_bad_query_json(tmp_path):
+    from tweet_embed import cli
+
+    assert cli.main(["export", "mongo", "--db", "d", "--collection", "c", "--query", "{lang: en",
+                     "--out", str(tmp_path / "o.jsonl")]) == 1
