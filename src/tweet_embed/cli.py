@@ -90,6 +90,14 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
                                                "default: all cores; 1 = a thread in this process")
     g.add_argument("--log-interval", type=float, default=5.0, help="seconds between speed lines")
     g.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)
+    g = p.add_argument_group("scale out (Ray)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (and --devices); ray: each chunk a Ray task (servers) or a call on "
+                        "a one-GPU actor (in-process model) on a Ray cluster; needs tweet-embed[ray]")
+    g.add_argument("--ray-address", help="cluster to join ('auto', 'ray://head:10001'); default: $RAY_ADDRESS, "
+                                         "else a new local Ray instance")
+    g.add_argument("--ray-cpus-per-task", type=float, default=1.0, help="CPUs reserved by each chunk task "
+                                                                         "(server backends)")
     p.set_defaults(func=cmd_embed)
 
 
@@ -145,6 +153,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     if devices and len(devices) == 1:
         spec = spec.on_device(devices[0])
+    if args.engine == "ray":
+        if devices:
+            log.error("--devices is for --engine local; under Ray each actor takes one GPU of the cluster")
+            return EXIT_USAGE
+        from .engines.ray import RayOptions
+
+        opts.ray = RayOptions(address=args.ray_address, cpus_per_task=args.ray_cpus_per_task)
     urls = [redact_url(u) for u in (args.tei_urls or []) + (args.openai_urls or [])]
     log.info("tweet-embed %s: %d input file(s) → %s (%s)", __version__, len(inputs), opts.dirs.shards,
              ", ".join(urls) if urls else "in-process model")
