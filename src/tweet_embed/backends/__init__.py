@@ -63,6 +63,7 @@ def make_backend(
     insecure: bool = False,
     device: str | None = None,
     decode_executor: Executor | None = None,
+    workers: int | None = None,
 ) -> Backend:
     """Build the backend a run asks for (see module doc)."""
     tei = split_urls(urls)
@@ -74,7 +75,7 @@ def make_backend(
     http_kw = dict(
         normalize=normalize, api_key=api_key, model=model, batch_size=batch_size,
         request_timeout=request_timeout, max_retry_time=max_retry_time, insecure=insecure,
-        decode_executor=decode_executor,
+        decode_executor=decode_executor, workers=workers,
     )
     if oai:
         from .openai import OpenAIBackend
@@ -106,6 +107,7 @@ class BackendSpec:
     max_retry_time: float = 600.0
     insecure: bool = False
     device: str | None = None
+    workers: int | None = None  # response-decoding processes of HTTP backends (None: one thread)
 
     @property
     def is_local(self) -> bool:
@@ -119,5 +121,5 @@ class BackendSpec:
             self.urls, self.model, self.normalize, openai_urls=self.openai_urls, api_key=self.api_key,
             batch_size=self.batch_size, request_timeout=self.request_timeout,
             max_retry_time=self.max_retry_time, insecure=self.insecure, device=self.device,
-            decode_executor=decode_executor,
+            decode_executor=decode_executor, workers=self.workers,
         )

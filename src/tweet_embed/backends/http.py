@@ -1,7 +1,9 @@
 """What TEI's ``/embed`` and OpenAI's ``/v1/embeddings`` clients share: the session, the pool, error mapping.
 
-The event loop only moves bytes: response bodies are decoded (and validated) by ``decode`` in an executor
-(threads, or processes with ``--workers``), so decoding scales with cores and never stalls sending.
+The event loop only moves bytes: response bodies are decoded and validated by :mod:`tweet_embed.decode` in
+its :class:`~tweet_embed.decode.DecodePool` (``workers`` processes for JSON floats, threads for base64), so
+decoding scales with cores and never stalls sending. The API key goes out as ``Authorization: Bearer`` on
+every request (TEI's ``--api-key`` and OpenAI-compatible servers) and is never logged or shown in ``repr``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import logging
 import ssl
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import aiohttp
 import numpy as np
 import orjson
 
-from .base import Backend, BackendError, BackendInfo, check_vectors
+from ..decode import DecodePool, decode_embed_json
+from .base import Backend, BackendError, BackendInfo
 from .pool import BatchRefused, Endpoint, EndpointPool, FatalError, RetryableError, RetryPolicy, redact_url
 
 log = logging.getLogger("tweet_embed")
@@ -61,7 +65,10 @@ class HTTPBackend(Backend):
         max_retry_time: float = 600.0,
         insecure: bool = False,
         decode_executor: Executor | None = None,
+        workers: int | None = None,
     ) -> None:
+        """``workers``: decode processes (None or 1: one thread; 0: on the loop, for tests); a given
+        ``decode_executor`` runs every decode instead."""
         if not urls:
             raise ValueError("no server URL given")
         self.urls = [self.normalise_url(u) for u in urls]
@@ -72,6 +79,9 @@ class HTTPBackend(Backend):
         self.timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=min(10.0, request_timeout))
         self.insecure = insecure
         self.decode_executor = decode_executor
+        self.decoder = DecodePool(1 if workers is None else workers)
+        self._decoder_started = False
+        self._decoder_lock = asyncio.Lock()
         self.pool = EndpointPool([Endpoint(u) for u in self.urls], RetryPolicy(max_retry_time=max_retry_time))
         self.session: aiohttp.ClientSession | None = None
         self.info_: BackendInfo | None = None
@@ -100,6 +110,30 @@ class HTTPBackend(Backend):
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self._decoder_started:
+            self._decoder_started = False
+            await asyncio.to_thread(self.decoder.close)
+
+    async def _start_decoder(self) -> None:
+        async with self._decoder_lock:
+            if not self._decoder_started:
+                if self.decode_executor is None:
+                    await self.decoder.start()
+                self._decoder_started = True
+
+    async def decode(self, kind: str, body: bytes, n: int, dim: int | None) -> np.ndarray:
+        """Decode one answer off the loop (see :mod:`tweet_embed.decode`)."""
+        if not self._decoder_started:
+            await self._start_decoder()
+        if self.decode_executor is not None:
+            from ..decode import DECODERS
+
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.decode_executor, DECODERS[kind], body, n, dim)
+        try:
+            return await self.decoder.decode(kind, body, n, dim)
+        except BrokenProcessPool as exc:
+            raise BackendError(f"a decode worker process died ({exc}); re-run to resume") from exc
 
     def __repr__(self) -> str:  # never shows the key
         return f"{type(self).__name__}({[redact_url(u) for u in self.urls]})"
@@ -140,20 +174,19 @@ class HTTPBackend(Backend):
         raise FatalError(msg)
 
     async def request_vectors(
-        self, texts: Sequence[str], build: Callable[[Endpoint], tuple[str, bytes]],
-        decode: Callable[[bytes, int, int | None], np.ndarray],
+        self, texts: Sequence[str], build: Callable[[Endpoint], tuple[str, bytes]], kind: str,
     ) -> np.ndarray:
-        """One batch through the pool: send, decode off the loop, validate, retry bad answers."""
+        """One batch through the pool: send, decode off the loop (``kind`` names the decoder in
+        :data:`tweet_embed.decode.DECODERS`), validate, retry bad answers elsewhere."""
         n = len(texts)
         dim = self.info_.dim if self.info_ else None
-        loop = asyncio.get_running_loop()
 
         async def attempt(ep: Endpoint) -> np.ndarray:
             url, payload = build(ep)
             body = await self.post(ep, url, payload)
             try:
-                return await loop.run_in_executor(self.decode_executor, decode, body, n, dim)
-            except (ValueError, TypeError, KeyError, IndexError, orjson.JSONDecodeError) as exc:
+                return await self.decode(kind, body, n, dim)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
                 raise RetryableError("bad_answer", f"{ep.name}: {exc}") from exc
 
         return await self.pool.call(n, attempt)
@@ -167,7 +200,4 @@ class HTTPBackend(Backend):
         return self.info_
 
 
-def decode_float_lists(body: bytes, n: int, dim: int | None) -> np.ndarray:
-    """TEI ``/embed`` body: a JSON array of arrays of floats."""
-    arr = np.asarray(orjson.loads(body), dtype=np.float32)
-    return check_vectors(arr, n, dim)
+decode_float_lists = decode_embed_json  # the earlier name

@@ -6,45 +6,22 @@ to JSON floats when the server refuses it. Model: ``--model``, else the first of
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import orjson
 
-from .base import BackendError, BackendInfo, check_vectors
+from ..decode import decode_openai_base64 as decode_base64  # noqa: F401 - earlier names
+from ..decode import decode_openai_floats as decode_floats  # noqa: F401
+from .base import BackendError, BackendInfo
 from .http import HTTPBackend
 from .pool import BatchRefused, Endpoint
 
 log = logging.getLogger("tweet_embed")
 
-DEFAULT_BATCH = 64
-
-
-def _ordered(data: list[dict], n: int) -> list[dict]:
-    if len(data) != n:
-        raise ValueError(f"expected {n} embeddings, got {len(data)}")
-    if any(d.get("index") != i for i, d in enumerate(data)):
-        data = sorted(data, key=lambda d: d["index"])
-        if [d["index"] for d in data] != list(range(n)):
-            raise ValueError("response indices do not match the inputs")
-    return data
-
-
-def decode_base64(body: bytes, n: int, dim: int | None) -> np.ndarray:
-    data = _ordered(orjson.loads(body)["data"], n)
-    raw = b"".join(base64.b64decode(d["embedding"]) for d in data)
-    arr = np.frombuffer(raw, dtype="<f4")
-    if n == 0 or arr.size % n:
-        raise ValueError(f"base64 payload of {arr.size} floats does not split into {n} vectors")
-    return check_vectors(arr.reshape(n, -1), n, dim)
-
-
-def decode_floats(body: bytes, n: int, dim: int | None) -> np.ndarray:
-    data = _ordered(orjson.loads(body)["data"], n)
-    arr = np.asarray([d["embedding"] for d in data], dtype=np.float32)
-    return check_vectors(arr, n, dim)
+DEFAULT_BATCH = 64  # when the server does not say (TEI's /info does)
+DEFAULT_CAPACITY = 512  # inputs in flight per server
 
 
 class OpenAIBackend(HTTPBackend):
@@ -60,28 +37,53 @@ class OpenAIBackend(HTTPBackend):
             return url + "/embeddings"
         return url + "/v1/embeddings"
 
+    @staticmethod
+    def root_url(url: str) -> str:
+        """``http://h:p/v1/embeddings`` → ``http://h:p`` (where TEI serves ``/info``)."""
+        for suffix in ("/v1/embeddings", "/embeddings"):
+            if url.endswith(suffix):
+                return url[: -len(suffix)]
+        return url
+
     async def start(self) -> BackendInfo:
+        server_batch = None
+        info_model = None
+        for ep in self.pool.endpoints:
+            ep.capacity = DEFAULT_CAPACITY
+            # TEI serves /v1/embeddings too, with the limits of its /info (others answer 404: no limits known)
+            info = await self.get_json(self.root_url(ep.url) + "/info")
+            if isinstance(info, dict) and "max_client_batch_size" in info:
+                ep.capacity = int(info.get("max_concurrent_requests") or DEFAULT_CAPACITY)
+                mcb = info.get("max_client_batch_size")
+                if isinstance(mcb, int) and mcb > 0:
+                    server_batch = mcb if server_batch is None else min(server_batch, mcb)
+                info_model = info_model or info.get("served_model_name") or info.get("model_id")
         if not self.model:
             listing = await self.get_json(self.urls[0].rsplit("/embeddings", 1)[0] + "/models")
             try:
                 self.model = str(listing["data"][0]["id"])  # type: ignore[index]
             except (TypeError, KeyError, IndexError):
-                raise BackendError("cannot learn the model from /v1/models; give it with --model") from None
-        for ep in self.pool.endpoints:
-            ep.capacity = 512
+                if not info_model:
+                    raise BackendError("cannot learn the model from /v1/models; give it with --model") from None
+                self.model = str(info_model)
         probe = ["dimension probe"]
         try:
-            vec = await self.request_vectors(probe, self._build(probe), decode_base64)
+            vec = await self.request_vectors(probe, self._build(probe), "openai_base64")
         except BatchRefused as exc:
             log.warning("server refused base64 encoding (%s); using JSON floats", exc)
             self.encoding = "float"
-            vec = await self.request_vectors(probe, self._build(probe), decode_floats)
+            vec = await self.request_vectors(probe, self._build(probe), "openai_float")
         except BackendError:
             raise
-        batch = self.batch_size or DEFAULT_BATCH
+        batch = self.batch_size or server_batch or DEFAULT_BATCH
+        if server_batch is not None and batch > server_batch:
+            log.warning("--batch-size %d is above the servers' max_client_batch_size %d; using %d",
+                        batch, server_batch, server_batch)
+            batch = server_batch
+        capacity = sum(ep.capacity for ep in self.pool.endpoints)
         self.info_ = BackendInfo(
             kind="openai", model=self.model, dim=int(vec.shape[1]), normalize=self.normalize,
-            max_batch=batch, max_in_flight=max(1, len(self.urls) * 512 // batch),
+            max_batch=batch, max_in_flight=max(1, capacity // batch),
             extra={"encoding": self.encoding},
         )
         if not self.normalize:
@@ -97,5 +99,5 @@ class OpenAIBackend(HTTPBackend):
         return build
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        decode = decode_base64 if self.encoding == "base64" else decode_floats
-        return await self.request_vectors(texts, self._build(texts), decode)
+        kind = "openai_base64" if self.encoding == "base64" else "openai_float"
+        return await self.request_vectors(texts, self._build(texts), kind)

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from .base import BackendError, BackendInfo
-from .http import HTTPBackend, decode_float_lists
+from .http import HTTPBackend
 from .pool import Endpoint, redact_url
 
 log = logging.getLogger("tweet_embed")
@@ -67,8 +67,7 @@ class TEIBackend(HTTPBackend):
             log.warning("--batch-size %d is above the servers' max_client_batch_size %d; using %d",
                         batch, server_batch, server_batch)
             batch = server_batch
-        probe = await self.request_vectors(["dimension probe"], self._build(["dimension probe"]),
-                                           decode_float_lists)
+        probe = await self.request_vectors(["dimension probe"], self._build(["dimension probe"]), "embed_json")
         dim = int(probe.shape[1])
         capacity = sum(ep.capacity for ep in self.pool.endpoints)
         self.info_ = BackendInfo(
@@ -86,4 +85,4 @@ class TEIBackend(HTTPBackend):
         return build
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return await self.request_vectors(texts, self._build(texts), decode_float_lists)
+        return await self.request_vectors(texts, self._build(texts), "embed_json")
