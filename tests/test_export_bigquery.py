@@ -355,3 +355,28 @@ def test_emulator_missing_column(emulator, tmp_path):
     with pytest.raises(ExportError, match=r"no column 'body' \(columns: id, text, lang\)"):
         export_bigquery(str(tmp_path / "o.jsonl"), table=table, text_column="body", bq_client=bq,
                         read_client=read, show_progress=False)
+
+
+@needs_emulator
+def test_emulator_cli_export(emulator, tmp_path, capsys):
+    from tweet_embed import cli
+
+    table = f"{emulator.project}.ds.cli"
+    rows = seed_table(emulator, table, 300)
+    out = str(tmp_path / "cli.jsonl")
+    code = cli.main(["export", "bigquery", "--table", table, "--out", out, "--project", emulator.project,
+                     "--api-endpoint", emulator.rest, "--read-endpoint", emulator.grpc])
+    assert code == 0
+    assert sorted(int(r["_id"]) for r in read_jsonl(out)) == [i for i, t in rows if t]
+    assert f"wrote {sum(1 for _, t in rows if t)} rows" in capsys.readouterr().out
+    # a second run refuses to overwrite
+    assert cli.main(["export", "bigquery", "--table", table, "--out", out, "--project", emulator.project,
+                     "--api-endpoint", emulator.rest, "--read-endpoint", emulator.grpc]) == 1
+
+
+def test_cli_missing_library_exit_code(monkeypatch, tmp_path):
+    from tweet_embed import cli
+
+    monkeypatch.setitem(sys.modules, "google.cloud.bigquery_storage_v1", None)
+    assert cli.main(["export", "bigquery", "--table", "p.d.t", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert cli.main(["load", "bigquery", "--table", "p.d.t", str(tmp_path)]) == 2

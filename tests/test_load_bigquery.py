@@ -171,3 +171,19 @@ def test_emulator_load_from_gcs_uri(emulator, tmp_path):
                                                   bigquery.SchemaField("embedding", "FLOAT64", mode="REPEATED")]))
     result = load_bigquery(table, "gs://bucket/run1/part-00000.parquet", mode="append", bq_client=bq)
     assert result.rows == result.table_rows == len(ids) and len(result.jobs) == 1
+
+
+@needs_emulator
+def test_emulator_cli_load(emulator, tmp_path, capsys):
+    from tweet_embed import cli
+
+    src = str(tmp_path / "consolidated")
+    ids, _ = consolidated_dir(src, files=3, rows=20)
+    table = f"{emulator.project}.ds.cli_emb"
+    args = ["load", "bigquery", "--table", table, src, "--project", emulator.project,
+            "--api-endpoint", emulator.rest]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("job ") == 3 and f"loaded {len(ids)} rows into {table}" in printed
+    assert cli.main(args) == 1  # the table has rows now
+    assert cli.main(args + ["--replace"]) == 0
