@@ -40,6 +40,7 @@ from .records import InputError, ParsedBlock, parse_lines
 from .worker import commit_chunk, embed_block
 
 log = logging.getLogger("tweet_embed")
+WRITE_QUEUE = 3  # finished chunks in or waiting for the writer threads
 
 
 @dataclass
@@ -207,7 +208,10 @@ async def _run_pending(
         check_manifest(dirs, key)
         metadata = {**info.metadata(), "version": __version__}
         limiter = asyncio.Semaphore(max(1, info.max_in_flight))
-        slots = asyncio.Semaphore(max(1, opts.chunks_in_flight))
+        slots = asyncio.Semaphore(max(1, opts.chunks_in_flight))  # chunks being embedded
+        # Finished chunks waiting for or in a writer hand their embedding slot on at once, so a slow write
+        # never idles the servers; this bounds them (memory: chunks_in_flight + WRITE_QUEUE + 2 chunks).
+        write_slots = asyncio.Semaphore(WRITE_QUEUE)
         remaining_lines = sum(c.n_lines for c in pending)
         gen = parse_chunks(plan, pending, opts)
         tasks: set[asyncio.Task[None]] = set()
@@ -219,28 +223,38 @@ async def _run_pending(
                 errors.append(task.exception())  # type: ignore[arg-type]
 
         async def process(chunk: Chunk, block: ParsedBlock) -> None:
+            embedding = True
             try:
                 label = plan.files[chunk.file_index].label
                 result = await embed_block(backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter,
                                            file_label=label)
-                marker = await loop.run_in_executor(writer, commit_chunk, dirs, chunk, result, metadata)
+                del block
+                async with write_slots:
+                    slots.release()
+                    embedding = False
+                    marker = await loop.run_in_executor(writer, commit_chunk, dirs, chunk, result, metadata)
                 summary.rows += marker.rows
                 summary.embedded_texts += marker.embedded_texts
                 summary.chunks_done_now += 1
                 progress.add(marker.rows, chunk.n_lines)
             finally:
-                slots.release()
+                if embedding:
+                    slots.release()
 
+        ahead: asyncio.Future[tuple[Chunk, ParsedBlock] | None] | None = None
         with Progress(total_rows=remaining_lines, interval=opts.log_interval) as progress:
             try:
+                # the reader parses the next chunk while this one waits for a slot (one chunk ahead)
+                ahead = loop.run_in_executor(reader, next, gen, None)
                 while True:
-                    await slots.acquire()
-                    item = await loop.run_in_executor(reader, next, gen, None)
+                    item = await ahead
                     if item is None:
-                        slots.release()
                         break
+                    await slots.acquire()
                     if errors:
+                        slots.release()
                         raise errors[0]
+                    ahead = loop.run_in_executor(reader, next, gen, None)
                     task = asyncio.ensure_future(process(*item))
                     tasks.add(task)
                     task.add_done_callback(finished)
@@ -249,6 +263,8 @@ async def _run_pending(
                 if errors:
                     raise errors[0]
             except BaseException:
+                if ahead is not None and not ahead.done():
+                    ahead.cancel()
                 for t in list(tasks):
                     t.cancel()
                 await asyncio.gather(*list(tasks), return_exceptions=True)
