@@ -60,16 +60,31 @@ def run_emulator(workdir: str, project: str = "test-project") -> Iterator[Emulat
     log_path = os.path.join(workdir, "bqemulator.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [exe, "start", "--rest-port", str(rest_port), "--grpc-port", str(grpc_port), "--project", project,
-             "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+            [
+                exe,
+                "start",
+                "--rest-port",
+                str(rest_port),
+                "--grpc-port",
+                str(grpc_port),
+                "--project",
+                project,
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
         )
     try:
         url = f"http://127.0.0.1:{rest_port}/bigquery/v2/projects/{project}/datasets"
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"bqemulator exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
+                raise RuntimeError(
+                    f"bqemulator exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status == 200:

@@ -32,8 +32,9 @@ except ExportError:
 
 from bq_emulator import SKIP_REASON, emulator_executable, run_emulator  # noqa: E402
 
-needs_bq = pytest.mark.skipif(not HAVE_BQ, reason="google-cloud-bigquery(-storage) not installed "
-                                                   "(pip install 'tweet-embed[bigquery]')")
+needs_bq = pytest.mark.skipif(
+    not HAVE_BQ, reason="google-cloud-bigquery(-storage) not installed (pip install 'tweet-embed[bigquery]')"
+)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -42,6 +43,7 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 # --- pure parts ------------------------------------------------------------------------------------------
+
 
 def test_table_ref_parsing():
     assert TableRef.parse("p.d.t").path == "projects/p/datasets/d/tables/t"
@@ -59,7 +61,10 @@ def test_id_and_text_conversion():
     assert bq_id_to_str(None) is None and bq_id_to_str("") is None and bq_id_to_str(True) is None
     data, n, skipped = batch_to_lines([1, 2, 3, 4, None], ["a", None, "", "d \u00e9", "x"])
     assert n == 2
-    assert [orjson.loads(x) for x in data.splitlines()] == [{"_id": "1", "text": "a"}, {"_id": "4", "text": "d \u00e9"}]
+    assert [orjson.loads(x) for x in data.splitlines()] == [
+        {"_id": "1", "text": "a"},
+        {"_id": "4", "text": "d \u00e9"},
+    ]
     assert skipped == {SKIP_TEXT_MISSING: 1, SKIP_TEXT_EMPTY: 1, "invalid _id": 1}
 
 
@@ -112,8 +117,10 @@ class FakeReadClient:
         assert read_session.data_format == types.DataFormat.ARROW
         return types.ReadSession(
             name="projects/proj/locations/us/sessions/s1",
-            streams=[types.ReadStream(name=f"projects/proj/locations/us/sessions/s1/streams/{i}")
-                     for i in range(len(self.streams))],
+            streams=[
+                types.ReadStream(name=f"projects/proj/locations/us/sessions/s1/streams/{i}")
+                for i in range(len(self.streams))
+            ],
             arrow_schema=types.ArrowSchema(serialized_schema=SCHEMA.serialize().to_pybytes()),
             estimated_row_count=sum(b.num_rows for s in self.streams for b in s),
         )
@@ -141,8 +148,10 @@ class FakeReadClient:
                 yield types.ReadRowsResponse(
                     row_count=part.num_rows,
                     arrow_record_batch=types.ArrowRecordBatch(
-                        serialized_record_batch=part.serialize().to_pybytes()),
+                        serialized_record_batch=part.serialize().to_pybytes()
+                    ),
                 )
+
         return gen()
 
 
@@ -153,15 +162,22 @@ def make_streams(n_streams: int, batches: int, rows: int) -> list[list[pa.Record
         for _ in range(batches):
             ids = list(range(k, k + rows))
             texts = [None if i % 13 == 0 else f"tweet {i}" for i in ids]
-            stream.append(pa.record_batch([pa.array(texts, pa.string()), pa.array(ids, pa.int64())], schema=SCHEMA))
+            stream.append(
+                pa.record_batch([pa.array(texts, pa.string()), pa.array(ids, pa.int64())], schema=SCHEMA)
+            )
             k += rows
         out.append(stream)
     return out
 
 
 def expected_ids(streams: list[list[pa.RecordBatch]]) -> list[str]:
-    return sorted(str(i) for s in streams for b in s for i, t in zip(b.column(1).to_pylist(), b.column(0).to_pylist(),
-                                                                     strict=True) if t)
+    return sorted(
+        str(i)
+        for s in streams
+        for b in s
+        for i, t in zip(b.column(1).to_pylist(), b.column(0).to_pylist(), strict=True)
+        if t
+    )
 
 
 @needs_bq
@@ -170,8 +186,14 @@ def test_fake_full_export(tmp_path):
 
     streams = make_streams(3, 4, 50)
     out = str(tmp_path / "bq.jsonl")
-    result = export_bigquery(out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=FakeReadClient(streams),
-                             show_progress=False, streams=3)
+    result = export_bigquery(
+        out,
+        table="proj.ds.tweets",
+        bq_client=FakeBQ(),
+        read_client=FakeReadClient(streams),
+        show_progress=False,
+        streams=3,
+    )
     got = [r["_id"] for r in read_jsonl(out)]
     assert sorted(got) == expected_ids(streams) and len(got) == len(set(got))
     assert result.rows == len(got) and result.skipped == {SKIP_TEXT_MISSING: 600 - len(got)}
@@ -186,8 +208,14 @@ def test_fake_resume_reopens_each_stream_at_its_offset(tmp_path):
     out = str(tmp_path / "bq.jsonl.gz")
     reader = FakeReadClient(streams, fail={1: 120})
     with pytest.raises(ExportError, match="re-run the same command"):
-        export_bigquery(out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader, show_progress=False,
-                        commit_rows=30)
+        export_bigquery(
+            out,
+            table="proj.ds.tweets",
+            bq_client=FakeBQ(),
+            read_client=reader,
+            show_progress=False,
+            commit_rows=30,
+        )
     state = orjson.loads(open(state_path(out), "rb").read())
     offsets = state["cursor"]["offsets"]
     assert offsets[1] == 100 and state["rows"] > 0
@@ -195,8 +223,14 @@ def test_fake_resume_reopens_each_stream_at_its_offset(tmp_path):
     with open(partial_path(out), "ab") as fh:
         fh.write(b"\x1f\x8b\x08 torn gzip member")
     reader.calls.clear()
-    result = export_bigquery(out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader,
-                             show_progress=False, commit_rows=30)
+    result = export_bigquery(
+        out,
+        table="proj.ds.tweets",
+        bq_client=FakeBQ(),
+        read_client=reader,
+        show_progress=False,
+        commit_rows=30,
+    )
     assert reader.sessions == 1  # the recorded session was reused
     reopened = dict(reader.calls)
     for i, name in enumerate(state["cursor"]["streams"]):
@@ -220,13 +254,18 @@ def test_fake_expired_session_says_restart(tmp_path):
     out = str(tmp_path / "bq.jsonl")
     reader = FakeReadClient(streams, fail={0: 10})
     with pytest.raises(ExportError):
-        export_bigquery(out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader, show_progress=False)
+        export_bigquery(
+            out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader, show_progress=False
+        )
     reader.expired = True
     with pytest.raises(ExportError, match="--restart"):
-        export_bigquery(out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader, show_progress=False)
+        export_bigquery(
+            out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader, show_progress=False
+        )
     reader.expired = False
-    result = export_bigquery(out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader,
-                             show_progress=False, restart=True)
+    result = export_bigquery(
+        out, table="proj.ds.tweets", bq_client=FakeBQ(), read_client=reader, show_progress=False, restart=True
+    )
     assert not result.resumed and result.rows == len(expected_ids(streams))
 
 
@@ -259,11 +298,23 @@ def test_fake_query_reads_the_result_table(tmp_path):
 
     streams = make_streams(1, 2, 10)
     bq = QueryBQ()
-    export_bigquery(str(tmp_path / "a.jsonl"), query="SELECT 1", location="EU", bq_client=bq,
-                    read_client=FakeReadClient(streams), show_progress=False)
+    export_bigquery(
+        str(tmp_path / "a.jsonl"),
+        query="SELECT 1",
+        location="EU",
+        bq_client=bq,
+        read_client=FakeReadClient(streams),
+        show_progress=False,
+    )
     assert bq.jobs[0][:2] == ("SELECT 1", "EU") and bq.tables == ["proj._anon.r1"]
-    export_bigquery(str(tmp_path / "b.jsonl"), query="SELECT 1", query_destination="ds.res", bq_client=bq,
-                    read_client=FakeReadClient(streams), show_progress=False)
+    export_bigquery(
+        str(tmp_path / "b.jsonl"),
+        query="SELECT 1",
+        query_destination="ds.res",
+        bq_client=bq,
+        read_client=FakeReadClient(streams),
+        show_progress=False,
+    )
     assert str(bq.jobs[1][2].destination) == "proj.ds.res" and bq.tables[1] == "proj.ds.res"
     assert len(read_jsonl(str(tmp_path / "b.jsonl"))) == len(expected_ids(streams))
 
@@ -273,8 +324,14 @@ def test_fake_missing_column(tmp_path):
     from tweet_embed.export.bigquery import export_bigquery
 
     with pytest.raises(ExportError, match=r"no column 'tweet_id' \(columns: text, id, other\).*--id-column"):
-        export_bigquery(str(tmp_path / "o.jsonl"), table="proj.ds.t", id_column="tweet_id", bq_client=FakeBQ(),
-                        read_client=FakeReadClient([]), show_progress=False)
+        export_bigquery(
+            str(tmp_path / "o.jsonl"),
+            table="proj.ds.t",
+            id_column="tweet_id",
+            bq_client=FakeBQ(),
+            read_client=FakeReadClient([]),
+            show_progress=False,
+        )
 
 
 # --- the emulator ----------------------------------------------------------------------------------------
@@ -296,12 +353,25 @@ def seed_table(emu, table: str, n: int) -> list[tuple[int, str | None]]:  # type
     bq.create_dataset("ds", exists_ok=True)
     rows = [(i, None if i % 97 == 0 else f"tweet number {i} " + "x" * 60) for i in range(n)]
     path = os.path.join(emu.gcs_root, "seed.parquet")
-    pq.write_table(pa.table({"id": pa.array([r[0] for r in rows], pa.int64()),
-                             "text": pa.array([r[1] for r in rows], pa.string()),
-                             "lang": pa.array(["en"] * n)}), path)
-    cfg = bigquery.LoadJobConfig(source_format="PARQUET", write_disposition="WRITE_TRUNCATE", schema=[
-        bigquery.SchemaField("id", "INT64"), bigquery.SchemaField("text", "STRING"),
-        bigquery.SchemaField("lang", "STRING")])
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([r[0] for r in rows], pa.int64()),
+                "text": pa.array([r[1] for r in rows], pa.string()),
+                "lang": pa.array(["en"] * n),
+            }
+        ),
+        path,
+    )
+    cfg = bigquery.LoadJobConfig(
+        source_format="PARQUET",
+        write_disposition="WRITE_TRUNCATE",
+        schema=[
+            bigquery.SchemaField("id", "INT64"),
+            bigquery.SchemaField("text", "STRING"),
+            bigquery.SchemaField("lang", "STRING"),
+        ],
+    )
     with open(path, "rb") as fh:
         bq.load_table_from_file(fh, table, job_config=cfg).result()
     return rows
@@ -337,10 +407,19 @@ def test_emulator_export_query(emulator, tmp_path):
     rows = seed_table(emulator, table, 1000)
     bq, read = emulator.clients()
     out = str(tmp_path / "q.jsonl")
-    sql = (f"CREATE OR REPLACE TABLE ds.q_result AS SELECT id AS tweet_id, text AS body FROM `{table}` "
-           "WHERE MOD(id, 3) = 0")
-    export_bigquery(out, query=sql, id_column="tweet_id", text_column="body", bq_client=bq, read_client=read,
-                    show_progress=False)
+    sql = (
+        f"CREATE OR REPLACE TABLE ds.q_result AS SELECT id AS tweet_id, text AS body FROM `{table}` "
+        "WHERE MOD(id, 3) = 0"
+    )
+    export_bigquery(
+        out,
+        query=sql,
+        id_column="tweet_id",
+        text_column="body",
+        bq_client=bq,
+        read_client=read,
+        show_progress=False,
+    )
     got = sorted(int(r["_id"]) for r in read_jsonl(out))
     assert got == [i for i, t in rows if t and i % 3 == 0]
 
@@ -353,8 +432,14 @@ def test_emulator_missing_column(emulator, tmp_path):
     seed_table(emulator, table, 10)
     bq, read = emulator.clients()
     with pytest.raises(ExportError, match=r"no column 'body' \(columns: id, text, lang\)"):
-        export_bigquery(str(tmp_path / "o.jsonl"), table=table, text_column="body", bq_client=bq,
-                        read_client=read, show_progress=False)
+        export_bigquery(
+            str(tmp_path / "o.jsonl"),
+            table=table,
+            text_column="body",
+            bq_client=bq,
+            read_client=read,
+            show_progress=False,
+        )
 
 
 @needs_emulator
@@ -364,14 +449,45 @@ def test_emulator_cli_export(emulator, tmp_path, capsys):
     table = f"{emulator.project}.ds.cli"
     rows = seed_table(emulator, table, 300)
     out = str(tmp_path / "cli.jsonl")
-    code = cli.main(["export", "bigquery", "--table", table, "--out", out, "--project", emulator.project,
-                     "--api-endpoint", emulator.rest, "--read-endpoint", emulator.grpc])
+    code = cli.main(
+        [
+            "export",
+            "bigquery",
+            "--table",
+            table,
+            "--out",
+            out,
+            "--project",
+            emulator.project,
+            "--api-endpoint",
+            emulator.rest,
+            "--read-endpoint",
+            emulator.grpc,
+        ]
+    )
     assert code == 0
     assert sorted(int(r["_id"]) for r in read_jsonl(out)) == [i for i, t in rows if t]
     assert f"wrote {sum(1 for _, t in rows if t)} rows" in capsys.readouterr().out
     # a second run refuses to overwrite
-    assert cli.main(["export", "bigquery", "--table", table, "--out", out, "--project", emulator.project,
-                     "--api-endpoint", emulator.rest, "--read-endpoint", emulator.grpc]) == 1
+    assert (
+        cli.main(
+            [
+                "export",
+                "bigquery",
+                "--table",
+                table,
+                "--out",
+                out,
+                "--project",
+                emulator.project,
+                "--api-endpoint",
+                emulator.rest,
+                "--read-endpoint",
+                emulator.grpc,
+            ]
+        )
+        == 1
+    )
 
 
 def test_cli_missing_library_exit_code(monkeypatch, tmp_path):

@@ -85,18 +85,28 @@ def test_find_projection_sort_batch_size_and_getmore(server, tmp_path):
     assert dict(find.doc["projection"]) == {"_id": 1, "text": 1}
     assert dict(find.doc["sort"]) == {"_id": 1}
     assert find.doc["batchSize"] == 3
-    find.reply(first_batch([
-        {"_id": OIDS[0], "text": "hello"},
-        {"_id": 42, "text": "an int id"},
-        {"_id": OIDS[1]},  # text missing
-    ], 777))
+    find.reply(
+        first_batch(
+            [
+                {"_id": OIDS[0], "text": "hello"},
+                {"_id": 42, "text": "an int id"},
+                {"_id": OIDS[1]},  # text missing
+            ],
+            777,
+        )
+    )
     more = server.receives(OpMsg("getMore", 777))
     assert more.doc["collection"] == "tweets" and more.doc["batchSize"] == 3
-    more.reply(next_batch([
-        {"_id": OIDS[2], "text": 12},  # not a string
-        {"_id": OIDS[3], "text": None},
-        {"_id": OIDS[4], "text": ""},
-    ], 777))
+    more.reply(
+        next_batch(
+            [
+                {"_id": OIDS[2], "text": 12},  # not a string
+                {"_id": OIDS[3], "text": None},
+                {"_id": OIDS[4], "text": ""},
+            ],
+            777,
+        )
+    )
     more = server.receives(OpMsg("getMore", 777))
     more.reply(next_batch([{"_id": "s-1", "text": "a string id \u00e9\U0001f600"}], 0))
     result = future()
@@ -131,12 +141,18 @@ def test_dropped_connection_mid_export_resumes_after_last_id(server, tmp_path):
     out = str(tmp_path / "tweets.jsonl.gz")
     future = run_export(server, out, batch_size=2)
     reply_count(server, 4)
-    receive_find(server).reply(first_batch([{"_id": OIDS[0], "text": "a"}, {"_id": OIDS[1], "text": "b"}], 55))
+    receive_find(server).reply(
+        first_batch([{"_id": OIDS[0], "text": "a"}, {"_id": OIDS[1], "text": "b"}], 55)
+    )
     server.receives(OpMsg("getMore", 55)).hangup()  # the connection drops mid-export
     again = receive_find(server)
     # the new find starts after the last _id written, in BSON order (ObjectId and every type sorting after it)
-    assert again.doc["filter"] == {"$or": [{"_id": {"$gt": OIDS[1]}},
-                                           {"_id": {"$type": ["bool", "date", "timestamp", "regex", "maxKey"]}}]}
+    assert again.doc["filter"] == {
+        "$or": [
+            {"_id": {"$gt": OIDS[1]}},
+            {"_id": {"$type": ["bool", "date", "timestamp", "regex", "maxKey"]}},
+        ]
+    }
     assert dict(again.doc["sort"]) == {"_id": 1} and again.doc["batchSize"] == 2
     again.reply(first_batch([{"_id": OIDS[2], "text": "c"}, {"_id": OIDS[3], "text": "d"}], 0))
     result = future()
@@ -161,17 +177,41 @@ def test_interrupted_export_resumes_in_a_new_run_with_the_query(server, tmp_path
     future = run_export(server, out, query=query, batch_size=2)
     reply_count(server, 5)
     find = receive_find(server)
-    assert find.doc["filter"] == {"$and": [
-        {"lang": "en"},
-        {"$or": [{"_id": {"$gt": 2}},
-                 {"_id": {"$type": ["symbol", "string", "object", "binData", "objectId", "bool", "date",
-                                    "timestamp", "regex", "maxKey"]}}]},
-    ]}
+    assert find.doc["filter"] == {
+        "$and": [
+            {"lang": "en"},
+            {
+                "$or": [
+                    {"_id": {"$gt": 2}},
+                    {
+                        "_id": {
+                            "$type": [
+                                "symbol",
+                                "string",
+                                "object",
+                                "binData",
+                                "objectId",
+                                "bool",
+                                "date",
+                                "timestamp",
+                                "regex",
+                                "maxKey",
+                            ]
+                        }
+                    },
+                ]
+            },
+        ]
+    }
     find.reply(first_batch([{"_id": 3, "text": "c"}, {"_id": "z", "text": "d"}], 0))
     result = future()
     assert result.resumed and result.rows == 4
-    assert read_jsonl(out) == [{"_id": "1", "text": "a"}, {"_id": "2", "text": "b"},
-                               {"_id": "3", "text": "c"}, {"_id": "z", "text": "d"}]
+    assert read_jsonl(out) == [
+        {"_id": "1", "text": "a"},
+        {"_id": "2", "text": "b"},
+        {"_id": "3", "text": "c"},
+        {"_id": "z", "text": "d"},
+    ]
 
 
 def test_commit_then_crash_never_leaves_a_partial_line(server, tmp_path):
@@ -212,8 +252,15 @@ def test_resume_with_other_options_is_refused(server, tmp_path):
     with pytest.raises(ExportError):
         future()
     with pytest.raises(ExportError, match="other options"):
-        M.export_mongo(server.uri, "db", "tweets", out, text_field="other", client_factory=client_for(server),
-                       show_progress=False)
+        M.export_mongo(
+            server.uri,
+            "db",
+            "tweets",
+            out,
+            text_field="other",
+            client_factory=client_for(server),
+            show_progress=False,
+        )
 
 
 def test_existing_output_is_not_overwritten(tmp_path):
@@ -227,11 +274,42 @@ def test_existing_output_is_not_overwritten(tmp_path):
 @pytest.mark.parametrize(
     ("last", "expected_later"),
     [
-        (5, ["symbol", "string", "object", "binData", "objectId", "bool", "date", "timestamp", "regex",
-             "maxKey"]),
+        (
+            5,
+            [
+                "symbol",
+                "string",
+                "object",
+                "binData",
+                "objectId",
+                "bool",
+                "date",
+                "timestamp",
+                "regex",
+                "maxKey",
+            ],
+        ),
         ("abc", ["object", "binData", "objectId", "bool", "date", "timestamp", "regex", "maxKey"]),
-        (MinKey(), ["null", "double", "int", "long", "decimal", "symbol", "string", "object", "binData",
-                    "objectId", "bool", "date", "timestamp", "regex", "maxKey"]),
+        (
+            MinKey(),
+            [
+                "null",
+                "double",
+                "int",
+                "long",
+                "decimal",
+                "symbol",
+                "string",
+                "object",
+                "binData",
+                "objectId",
+                "bool",
+                "date",
+                "timestamp",
+                "regex",
+                "maxKey",
+            ],
+        ),
     ],
 )
 def test_resume_filter_covers_every_type_that_sorts_later(last, expected_later):
@@ -252,7 +330,9 @@ def test_id_conversion():
     assert M.mongo_id_to_str(OIDS[0]) == "65a000000000000000000001"
     assert M.mongo_id_to_str(Int64(1234567890123)) == "1234567890123"
     assert M.mongo_id_to_str(3.0) == "3"
-    assert M.mongo_id_to_str("") is None and M.mongo_id_to_str(None) is None and M.mongo_id_to_str(True) is None
+    assert (
+        M.mongo_id_to_str("") is None and M.mongo_id_to_str(None) is None and M.mongo_id_to_str(True) is None
+    )
     assert M.mongo_id_to_str(Binary.from_uuid(uuid.UUID(int=5))) == "00000000-0000-0000-0000-000000000005"
     assert M.mongo_id_to_str({"a": 1}) == '{"a": {"$numberInt": "1"}}'
 
@@ -286,7 +366,9 @@ def test_real_server_export_and_resume(tmp_path, monkeypatch):
     coll.insert_many(docs)
     try:
         out = str(tmp_path / "real.jsonl.gz")
-        expected = sorted(str(d["_id"]) for d in docs if d.get("lang") == "en" and isinstance(d.get("text"), str))
+        expected = sorted(
+            str(d["_id"]) for d in docs if d.get("lang") == "en" and isinstance(d.get("text"), str)
+        )
         calls = {"n": 0}
         real_write = M.ResumableJsonlWriter.write
 
@@ -298,11 +380,27 @@ def test_real_server_export_and_resume(tmp_path, monkeypatch):
 
         monkeypatch.setattr(M.ResumableJsonlWriter, "write", flaky_write)
         with pytest.raises(KeyboardInterrupt):
-            M.export_mongo(REAL_URI, dbname, "tweets", out, query={"lang": "en"}, batch_size=7,
-                           commit_rows=20, show_progress=False)
+            M.export_mongo(
+                REAL_URI,
+                dbname,
+                "tweets",
+                out,
+                query={"lang": "en"},
+                batch_size=7,
+                commit_rows=20,
+                show_progress=False,
+            )
         monkeypatch.setattr(M.ResumableJsonlWriter, "write", real_write)
-        result = M.export_mongo(REAL_URI, dbname, "tweets", out, query={"lang": "en"}, batch_size=7,
-                                commit_rows=20, show_progress=False)
+        result = M.export_mongo(
+            REAL_URI,
+            dbname,
+            "tweets",
+            out,
+            query={"lang": "en"},
+            batch_size=7,
+            commit_rows=20,
+            show_progress=False,
+        )
         got = [r["_id"] for r in read_jsonl(out)]
         assert sorted(got) == expected and len(got) == len(set(got))
         assert result.resumed and result.skipped == {M.SKIP_TEXT_MISSING: 1, M.SKIP_TEXT_NOT_STRING: 1}
@@ -312,6 +410,7 @@ def test_real_server_export_and_resume(tmp_path, monkeypatch):
 
 
 # --- the command line ------------------------------------------------------------------------------------
+
 
 def test_cli_export_mongo(server, tmp_path, capsys):
     from tweet_embed import cli
@@ -326,9 +425,24 @@ def test_cli_export_mongo(server, tmp_path, capsys):
         find.reply(first_batch([{"_id": OIDS[0], "text": "a"}, {"_id": OIDS[1], "text": 3}], 0))
 
     responder = go(respond)
-    code = cli.main(["export", "mongo", "--uri", server.uri + "/?serverSelectionTimeoutMS=5000",
-                     "--db", "db", "--collection", "tweets", "--query", '{"lang": "en"}',
-                     "--batch-size", "10", "--out", out])
+    code = cli.main(
+        [
+            "export",
+            "mongo",
+            "--uri",
+            server.uri + "/?serverSelectionTimeoutMS=5000",
+            "--db",
+            "db",
+            "--collection",
+            "tweets",
+            "--query",
+            '{"lang": "en"}',
+            "--batch-size",
+            "10",
+            "--out",
+            out,
+        ]
+    )
     responder()
     assert code == 0
     assert seen["filter"] == {"lang": "en"} and seen["batchSize"] == 10
@@ -348,5 +462,20 @@ def test_cli_missing_pymongo_says_which_extra(monkeypatch, tmp_path, caplog):
 def test_cli_bad_query_json(tmp_path):
     from tweet_embed import cli
 
-    assert cli.main(["export", "mongo", "--db", "d", "--collection", "c", "--query", "{lang: en",
-                     "--out", str(tmp_path / "o.jsonl")]) == 1
+    assert (
+        cli.main(
+            [
+                "export",
+                "mongo",
+                "--db",
+                "d",
+                "--collection",
+                "c",
+                "--query",
+                "{lang: en",
+                "--out",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 1
+    )

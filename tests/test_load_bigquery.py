@@ -29,8 +29,9 @@ except ExportError:
 
 from bq_emulator import SKIP_REASON, emulator_executable, run_emulator  # noqa: E402
 
-needs_bq = pytest.mark.skipif(not HAVE_BQ, reason="google-cloud-bigquery not installed "
-                                                   "(pip install 'tweet-embed[bigquery]')")
+needs_bq = pytest.mark.skipif(
+    not HAVE_BQ, reason="google-cloud-bigquery not installed (pip install 'tweet-embed[bigquery]')"
+)
 needs_emulator = pytest.mark.skipif(not HAVE_BQ or emulator_executable() is None, reason=SKIP_REASON)
 
 META = {"backend": "local", "model": "all-MiniLM-L6-v2", "dim": "4", "normalize": "true", "version": "0.1.0"}
@@ -59,13 +60,26 @@ def test_schema_of_a_shard_is_id_and_repeated_float64():
 
     schema = make_table(["a"], np.zeros((1, 4), np.float32)).schema
     fields = bigquery_schema(schema)
-    assert [(f.name, f.field_type, f.mode) for f in fields] == [("id", "STRING", "REQUIRED"),
-                                                                ("embedding", "FLOAT64", "REPEATED")]
-    extra = pa.schema([("text", pa.string()), ("n", pa.int32()), ("ok", pa.bool_()),
-                       ("ts", pa.timestamp("us", tz="UTC")), ("s", pa.struct([("x", pa.float64())]))])
+    assert [(f.name, f.field_type, f.mode) for f in fields] == [
+        ("id", "STRING", "REQUIRED"),
+        ("embedding", "FLOAT64", "REPEATED"),
+    ]
+    extra = pa.schema(
+        [
+            ("text", pa.string()),
+            ("n", pa.int32()),
+            ("ok", pa.bool_()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("s", pa.struct([("x", pa.float64())])),
+        ]
+    )
     assert [(f.field_type, f.mode) for f in bigquery_schema(extra)] == [
-        ("STRING", "NULLABLE"), ("INT64", "NULLABLE"), ("BOOL", "NULLABLE"), ("TIMESTAMP", "NULLABLE"),
-        ("RECORD", "NULLABLE")]
+        ("STRING", "NULLABLE"),
+        ("INT64", "NULLABLE"),
+        ("BOOL", "NULLABLE"),
+        ("TIMESTAMP", "NULLABLE"),
+        ("RECORD", "NULLABLE"),
+    ]
     with pytest.raises(LoadError, match="arrays of arrays"):
         bigquery_schema(pa.schema([("m", pa.list_(pa.list_(pa.float32())))]))
     with pytest.raises(LoadError, match="no BigQuery type"):
@@ -104,8 +118,9 @@ class FakeClient:
 @needs_bq
 def test_gcs_load_job_configuration():
     client = FakeClient()
-    result = load_bigquery("ds.emb", "gs://bucket/run/consolidated", mode="replace", location="EU",
-                           bq_client=client)
+    result = load_bigquery(
+        "ds.emb", "gs://bucket/run/consolidated", mode="replace", location="EU", bq_client=client
+    )
     uris, table, cfg, location = client.calls[0]
     assert uris == ["gs://bucket/run/consolidated/*.parquet"] and table == "proj.ds.emb" and location == "EU"
     assert cfg.source_format == "PARQUET" and cfg.write_disposition == "WRITE_TRUNCATE"
@@ -123,6 +138,7 @@ def test_missing_source_is_a_clear_error(tmp_path):
 
 
 # --- the emulator ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
@@ -167,8 +183,15 @@ def test_emulator_load_from_gcs_uri(emulator, tmp_path):
     shutil.copy(os.path.join(src, "part-00000.parquet"), dest)
     bq, _ = emulator.clients()
     table = f"{emulator.project}.ds.from_gcs"
-    bq.create_table(bigquery.Table(table, schema=[bigquery.SchemaField("id", "STRING", mode="REQUIRED"),
-                                                  bigquery.SchemaField("embedding", "FLOAT64", mode="REPEATED")]))
+    bq.create_table(
+        bigquery.Table(
+            table,
+            schema=[
+                bigquery.SchemaField("id", "STRING", mode="REQUIRED"),
+                bigquery.SchemaField("embedding", "FLOAT64", mode="REPEATED"),
+            ],
+        )
+    )
     result = load_bigquery(table, "gs://bucket/run1/part-00000.parquet", mode="append", bq_client=bq)
     assert result.rows == result.table_rows == len(ids) and len(result.jobs) == 1
 
@@ -180,8 +203,17 @@ def test_emulator_cli_load(emulator, tmp_path, capsys):
     src = str(tmp_path / "consolidated")
     ids, _ = consolidated_dir(src, files=3, rows=20)
     table = f"{emulator.project}.ds.cli_emb"
-    args = ["load", "bigquery", "--table", table, src, "--project", emulator.project,
-            "--api-endpoint", emulator.rest]
+    args = [
+        "load",
+        "bigquery",
+        "--table",
+        table,
+        src,
+        "--project",
+        emulator.project,
+        "--api-endpoint",
+        emulator.rest,
+    ]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("job ") == 3 and f"loaded {len(ids)} rows into {table}" in printed

@@ -30,10 +30,14 @@ def test_expand_file_dir_and_glob(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.parquet").write_bytes(b"x")
     assert expand_parquet_inputs(str(tmp_path)) == [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
-    assert expand_parquet_inputs(str(tmp_path / "*.parquet")) == [str(tmp_path / "a.parquet"),
-                                                                   str(tmp_path / "b.parquet")]
+    assert expand_parquet_inputs(str(tmp_path / "*.parquet")) == [
+        str(tmp_path / "a.parquet"),
+        str(tmp_path / "b.parquet"),
+    ]
     assert expand_parquet_inputs(str(tmp_path / "a.parquet")) == [str(tmp_path / "a.parquet")]
-    assert is_parquet_spec(str(tmp_path)) and is_parquet_spec("x/*.parquet") and not is_parquet_spec("t.jsonl")
+    assert (
+        is_parquet_spec(str(tmp_path)) and is_parquet_spec("x/*.parquet") and not is_parquet_spec("t.jsonl")
+    )
 
 
 @pytest.mark.parametrize("spec", ["missing.parquet", "nothing-*.parquet", "emptydir"])
@@ -61,8 +65,9 @@ def test_chunks_cover_every_row_once_with_uneven_groups(tmp_path):
     with pq.ParquetWriter(path, schema) as w:
         start = 0
         for n in (3, 17, 1, 40, 9, 0, 2):
-            w.write_table(pa.table({"_id": [str(i) for i in range(start, start + n)], "text": ["t"] * n},
-                                   schema=schema))
+            w.write_table(
+                pa.table({"_id": [str(i) for i in range(start, start + n)], "text": ["t"] * n}, schema=schema)
+            )
             start += n
     for size in (1, 5, 16, 20, 100):
         chunks = parquet_chunks(path, size)
@@ -102,8 +107,14 @@ def test_rows_follow_the_jsonl_rules(tmp_path):
 
 
 def test_integer_ids_and_chosen_columns(tmp_path):
-    path = write(tmp_path / "i.parquet", [1, 2**62, 3], ["x", "y", "z"], id_name="tweet_id",
-                 text_name="full_text", other=[1.0, 2.0, 3.0])
+    path = write(
+        tmp_path / "i.parquet",
+        [1, 2**62, 3],
+        ["x", "y", "z"],
+        id_name="tweet_id",
+        text_name="full_text",
+        other=[1.0, 2.0, 3.0],
+    )
     ids, texts, rejects = read_parquet_chunk(path, 1, 2, id_field="tweet_id", text_field="full_text")
     assert ids == [str(2**62), "3"] and texts == ["y", "z"] and rejects == []
 
@@ -144,7 +155,9 @@ def test_missing_column_names_the_columns_present(tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "bad-pages"])
 def test_corrupt_parquet_is_a_clear_error(tmp_path, damage):
-    good = write(tmp_path / "ok.parquet", [str(i) for i in range(1000)], [f"text {i}" * 5 for i in range(1000)])
+    good = write(
+        tmp_path / "ok.parquet", [str(i) for i in range(1000)], [f"text {i}" * 5 for i in range(1000)]
+    )
     data = open(good, "rb").read()
     bad = tmp_path / "bad.parquet"
     if damage == "garbage":
@@ -152,7 +165,7 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path, damage):
     elif damage == "truncated":
         bad.write_bytes(data[: len(data) // 2])
     else:  # footer intact, data pages overwritten
-        bad.write_bytes(data[:4] + b"\xff" * (len(data) // 2) + data[4 + len(data) // 2:])
+        bad.write_bytes(data[:4] + b"\xff" * (len(data) // 2) + data[4 + len(data) // 2 :])
     with pytest.raises(InputError, match="bad.parquet"):
         for s, n in parquet_chunks(str(bad), 100):
             read_parquet_chunk(str(bad), s, n)
@@ -172,14 +185,18 @@ def test_bigquery_style_export_directory(tmp_path):
     for f in range(3):
         ids = list(range(f * 100, f * 100 + 100))
         texts = [None if i % 17 == 0 else f"tweet {i}" for i in ids]
-        pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts, pa.string())}),
-                       str(d / f"tweets-{f:012d}.parquet"), row_group_size=30)
+        pq.write_table(
+            pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts, pa.string())}),
+            str(d / f"tweets-{f:012d}.parquet"),
+            row_group_size=30,
+        )
         expected += [str(i) for i, t in zip(ids, texts, strict=True) if t is not None]
     got, rejected = [], 0
     for path in expand_parquet_inputs(str(d)):
         for s, n in parquet_chunks(path, 64):
-            ids, _, rejects = read_parquet_chunk(path, s, n, id_field="id", text_field="text",
-                                                 file_label=os.path.basename(path))
+            ids, _, rejects = read_parquet_chunk(
+                path, s, n, id_field="id", text_field="text", file_label=os.path.basename(path)
+            )
             got += ids
             rejected += len(rejects)
     assert got == expected and rejected == 300 - len(expected)

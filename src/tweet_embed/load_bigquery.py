@@ -58,7 +58,9 @@ def local_parquet_files(source: str) -> list[str]:
     from .records import InputError
 
     if not os.path.exists(source):
-        raise LoadError(f"not found: {source} (give the consolidated directory, a .parquet file or a gs:// URI)")
+        raise LoadError(
+            f"not found: {source} (give the consolidated directory, a .parquet file or a gs:// URI)"
+        )
     try:
         return expand_parquet_inputs(source)
     except InputError as exc:
@@ -98,8 +100,12 @@ def _scalar_type(name: str, t: Any) -> str:
         (pa.types.is_boolean, "BOOL"),
         (lambda t: pa.types.is_signed_integer(t) or t in (pa.uint8(), pa.uint16(), pa.uint32()), "INT64"),
         (pa.types.is_floating, "FLOAT64"),
-        (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t),
-         "BYTES"),
+        (
+            lambda t: (
+                pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            ),
+            "BYTES",
+        ),
         (lambda t: pa.types.is_timestamp(t) and t.tz is not None, "TIMESTAMP"),
         (pa.types.is_timestamp, "DATETIME"),
         (pa.types.is_date, "DATE"),
@@ -148,8 +154,11 @@ def load_bigquery(
     def config(disposition: str, schema: list[Any] | None, description: str | None) -> Any:
         options = bigquery.ParquetOptions()
         options.enable_list_inference = True
-        cfg = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.PARQUET, parquet_options=options,
-                                     write_disposition=disposition)
+        cfg = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.PARQUET,
+            parquet_options=options,
+            write_disposition=disposition,
+        )
         if schema is not None:
             cfg.schema = schema
         if description:
@@ -168,8 +177,9 @@ def load_bigquery(
         before = (table_rows() or 0) if mode == "append" else 0
         if is_gcs(source):
             uris = gcs_uris(source)
-            job = bq_client.load_table_from_uri(uris, ref.dotted, job_config=config(MODES[mode], None, None),
-                                                location=location)
+            job = bq_client.load_table_from_uri(
+                uris, ref.dotted, job_config=config(MODES[mode], None, None), location=location
+            )
             log.info("load job %s: %s -> %s", job.job_id, ", ".join(uris), ref.dotted)
             job.result()
             result.jobs.append(job.job_id)
@@ -192,18 +202,27 @@ def load_bigquery(
                 disposition = MODES[mode] if i == 0 else "WRITE_APPEND"
                 with open(f, "rb") as fh:
                     job = bq_client.load_table_from_file(
-                        fh, ref.dotted, job_config=config(disposition, schema, description), location=location)
+                        fh, ref.dotted, job_config=config(disposition, schema, description), location=location
+                    )
                     job.result()
                 result.jobs.append(job.job_id)
                 result.files += 1
-                log.info("load job %s: %s, %s rows (%d of %d files)", job.job_id, os.path.basename(f),
-                         job.output_rows, i + 1, len(files))
+                log.info(
+                    "load job %s: %s, %s rows (%d of %d files)",
+                    job.job_id,
+                    os.path.basename(f),
+                    job.output_rows,
+                    i + 1,
+                    len(files),
+                )
         result.table_rows = table_rows()
         # Counted on the table, not summed from the jobs: "rows this load added" whatever the mode.
         result.rows = (result.table_rows or 0) - before
         if result.expected_rows is not None and result.rows != result.expected_rows:
-            raise LoadError(f"the table gained {result.rows} rows but the Parquet files hold {result.expected_rows}"
-                            " (was something else writing to it?)")
+            raise LoadError(
+                f"the table gained {result.rows} rows but the Parquet files hold {result.expected_rows}"
+                " (was something else writing to it?)"
+            )
     except gexc.GoogleAPICallError as exc:
         done = f" ({len(result.jobs)} load jobs had finished: re-run with --replace)" if result.jobs else ""
         raise LoadError(f"BigQuery: {exc}{done}") from exc

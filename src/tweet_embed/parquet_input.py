@@ -34,8 +34,11 @@ def expand_parquet_inputs(spec: str) -> list[str]:
     Hidden files (a leading ".") are left out, as everywhere in this tool.
     """
     if os.path.isdir(spec):
-        files = [os.path.join(spec, n) for n in os.listdir(spec)
-                 if n.lower().endswith(PARQUET_SUFFIX) and not n.startswith(".")]
+        files = [
+            os.path.join(spec, n)
+            for n in os.listdir(spec)
+            if n.lower().endswith(PARQUET_SUFFIX) and not n.startswith(".")
+        ]
         files = [f for f in files if os.path.isfile(f)]
         if not files:
             raise InputError(f"no .parquet files in directory {spec}")
@@ -107,8 +110,10 @@ def _check_columns(pf: pq.ParquetFile, path: str, columns: list[str]) -> None:
     present = pf.schema_arrow.names
     for c in columns:
         if c not in present:
-            raise InputError(f"{path}: no column {c!r} (columns: {', '.join(present)}); "
-                             "choose them with --id-field / --text-field")
+            raise InputError(
+                f"{path}: no column {c!r} (columns: {', '.join(present)}); "
+                "choose them with --id-field / --text-field"
+            )
 
 
 def _snippet(rid: Any, text: Any, id_field: str, text_field: str) -> str:
@@ -149,8 +154,10 @@ def read_parquet_chunk(
     md = pf.metadata
     end_row = start_row + n_rows
     if start_row < 0 or n_rows < 0 or end_row > md.num_rows:
-        raise InputError(f"{path} has {md.num_rows} rows, not the rows {start_row}..{end_row} that were "
-                         "planned (changed or replaced?)")
+        raise InputError(
+            f"{path} has {md.num_rows} rows, not the rows {start_row}..{end_row} that were "
+            "planned (changed or replaced?)"
+        )
     groups: list[int] = []
     first_group_row = None
     row = 0
@@ -191,7 +198,9 @@ def read_parquet_chunk(
         elif not text:
             reason = "text is empty"
         if reason is not None:
-            rejects.append(Reject(label, start_row + k + 1, reason, _snippet(raw_id, text, id_field, text_field)))
+            rejects.append(
+                Reject(label, start_row + k + 1, reason, _snippet(raw_id, text, id_field, text_field))
+            )
             continue
         ids.append(rid)  # type: ignore[arg-type]
         texts.append(clean_text(text))

@@ -46,8 +46,10 @@ def require_bigquery() -> None:
         import google.cloud.bigquery  # noqa: F401
         import google.cloud.bigquery_storage_v1  # noqa: F401
     except ImportError as exc:
-        raise ExportError(f"this command needs google-cloud-bigquery and google-cloud-bigquery-storage "
-                          f"({exc.name} is missing): {BIGQUERY_EXTRA}") from None
+        raise ExportError(
+            f"this command needs google-cloud-bigquery and google-cloud-bigquery-storage "
+            f"({exc.name} is missing): {BIGQUERY_EXTRA}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ class TableRef:
 
     @property
     def dotted(self) -> str:
-        return f"{self.project}.{self.dataset}.{self.table}" if self.project else f"{self.dataset}.{self.table}"
+        return (
+            f"{self.project}.{self.dataset}.{self.table}" if self.project else f"{self.dataset}.{self.table}"
+        )
 
     @property
     def path(self) -> str:
@@ -79,8 +83,9 @@ class TableRef:
         return f"projects/{self.project}/datasets/{self.dataset}/tables/{self.table}"
 
 
-def make_clients(project: str | None = None, api_endpoint: str | None = None,
-                 read_endpoint: str | None = None) -> tuple[Any, Any]:
+def make_clients(
+    project: str | None = None, api_endpoint: str | None = None, read_endpoint: str | None = None
+) -> tuple[Any, Any]:
     """A BigQuery client and a Storage Read client (ADC, or anonymous against an emulator)."""
     require_bigquery()
     import google.auth.exceptions
@@ -91,8 +96,11 @@ def make_clients(project: str | None = None, api_endpoint: str | None = None,
             from google.api_core.client_options import ClientOptions
             from google.auth.credentials import AnonymousCredentials
 
-            bq = bigquery.Client(project=project or "emulator", credentials=AnonymousCredentials(),
-                                 client_options=ClientOptions(api_endpoint=api_endpoint))
+            bq = bigquery.Client(
+                project=project or "emulator",
+                credentials=AnonymousCredentials(),
+                client_options=ClientOptions(api_endpoint=api_endpoint),
+            )
         else:
             bq = bigquery.Client(project=project)
         if read_endpoint:
@@ -102,14 +110,18 @@ def make_clients(project: str | None = None, api_endpoint: str | None = None,
             )
 
             channel = grpc.insecure_channel(read_endpoint.removeprefix("http://"))
-            read = bigquery_storage_v1.BigQueryReadClient(transport=BigQueryReadGrpcTransport(channel=channel))
+            read = bigquery_storage_v1.BigQueryReadClient(
+                transport=BigQueryReadGrpcTransport(channel=channel)
+            )
         elif api_endpoint:
             read = None  # only the REST API was pointed elsewhere; reads are not needed (load)
         else:
             read = bigquery_storage_v1.BigQueryReadClient()
     except google.auth.exceptions.DefaultCredentialsError as exc:
-        raise ExportError("no Google credentials: run `gcloud auth application-default login` or set "
-                          f"GOOGLE_APPLICATION_CREDENTIALS ({exc})") from None
+        raise ExportError(
+            "no Google credentials: run `gcloud auth application-default login` or set "
+            f"GOOGLE_APPLICATION_CREDENTIALS ({exc})"
+        ) from None
     return bq, read
 
 
@@ -152,8 +164,9 @@ def batch_to_lines(ids: list[Any], texts: list[Any]) -> tuple[bytes, int, dict[s
 _END = object()
 
 
-def _read_stream(read_client: Any, name: str, offset: int, schema: Any, idx: int, out: queue.Queue,
-                 stop: threading.Event) -> None:
+def _read_stream(
+    read_client: Any, name: str, offset: int, schema: Any, idx: int, out: queue.Queue, stop: threading.Event
+) -> None:
     """Thread body: decode a stream's Arrow batches into ``out`` as ``(idx, batch | _END | exception)``."""
     import pyarrow as pa
 
@@ -217,10 +230,22 @@ def export_bigquery(
         raise ExportError("--streams must be at least 1")
     if query_destination and query is None:
         raise ExportError("--query-destination goes with --query")
-    source = {"kind": "bigquery", "table": table, "query": query, "query_destination": query_destination,
-              "id_column": id_column, "text_column": text_column}
-    writer = ResumableJsonlWriter(out, source, restart=restart, overwrite=overwrite,
-                                  commit_rows=commit_rows, commit_seconds=commit_seconds)
+    source = {
+        "kind": "bigquery",
+        "table": table,
+        "query": query,
+        "query_destination": query_destination,
+        "id_column": id_column,
+        "text_column": text_column,
+    }
+    writer = ResumableJsonlWriter(
+        out,
+        source,
+        restart=restart,
+        overwrite=overwrite,
+        commit_rows=commit_rows,
+        commit_seconds=commit_seconds,
+    )
     with writer:
         if bq_client is None or read_client is None:
             made_bq, made_read = make_clients(project)
@@ -234,29 +259,46 @@ def export_bigquery(
                 position = dict(cursor)
                 schema = _session_schema(cursor)
                 total = None
-                log.info("resuming the export to %s: %d rows already written; session %s, %d of %d streams left",
-                         out, writer.rows, position["session"], position["done"].count(False),
-                         len(position["streams"]))
+                log.info(
+                    "resuming the export to %s: %d rows already written; session %s, %d of %d streams left",
+                    out,
+                    writer.rows,
+                    position["session"],
+                    position["done"].count(False),
+                    len(position["streams"]),
+                )
             else:
-                ref = _source_table(bq_client, table, query, location, id_column, text_column,
-                                    query_destination)
+                ref = _source_table(
+                    bq_client, table, query, location, id_column, text_column, query_destination
+                )
                 session = _create_session(read_client, billing, ref, id_column, text_column, streams)
                 names = [s.name for s in session.streams]
                 schema_bytes = bytes(session.arrow_schema.serialized_schema)
                 schema = _schema_from_bytes(schema_bytes) if schema_bytes else None
                 total = int(session.estimated_row_count or 0) or None
-                position = {"session": session.name, "table": ref.path, "streams": names,
-                            "offsets": [0] * len(names), "done": [False] * len(names),
-                            "schema": schema_bytes.hex()}
+                position = {
+                    "session": session.name,
+                    "table": ref.path,
+                    "streams": names,
+                    "offsets": [0] * len(names),
+                    "done": [False] * len(names),
+                    "schema": schema_bytes.hex(),
+                }
                 # Commit the session before reading, so that a resume reopens these very streams.
                 writer.commit(position)
-                log.info("exporting %s (about %s rows, %d streams) to %s", ref.dotted,
-                         "?" if total is None else f"{total:,}", len(names), out)
+                log.info(
+                    "exporting %s (about %s rows, %d streams) to %s",
+                    ref.dotted,
+                    "?" if total is None else f"{total:,}",
+                    len(names),
+                    out,
+                )
             writer.position = position
             if schema is not None:
                 _pump(writer, read_client, schema, id_column, text_column, total, show_progress)
-            return writer.finish(writer.position, extra={"session": position["session"],
-                                                         "streams": len(position["streams"])})
+            return writer.finish(
+                writer.position, extra={"session": position["session"], "streams": len(position["streams"])}
+            )
         except BaseException:
             if writer.position is not None:  # never replace a recorded session by "nothing read yet"
                 writer.commit_quietly(lambda pos: pos)
@@ -275,8 +317,15 @@ def _session_schema(cursor: dict) -> Any:
     return _schema_from_bytes(bytes.fromhex(cursor["schema"]))
 
 
-def _source_table(bq_client: Any, table: str | None, query: str | None, location: str | None,
-                  id_column: str, text_column: str, destination: str | None = None) -> TableRef:
+def _source_table(
+    bq_client: Any,
+    table: str | None,
+    query: str | None,
+    location: str | None,
+    id_column: str,
+    text_column: str,
+    destination: str | None = None,
+) -> TableRef:
     """The table to read: ``--table`` (its columns checked), or the result table of ``--query``."""
     from google.api_core import exceptions as gexc
 
@@ -287,8 +336,9 @@ def _source_table(bq_client: Any, table: str | None, query: str | None, location
                 from google.cloud import bigquery
 
                 dest_ref = TableRef.parse(destination).with_project(bq_client.project)
-                job_config = bigquery.QueryJobConfig(destination=dest_ref.dotted,
-                                                     write_disposition="WRITE_TRUNCATE")
+                job_config = bigquery.QueryJobConfig(
+                    destination=dest_ref.dotted, write_disposition="WRITE_TRUNCATE"
+                )
             job = bq_client.query(query, location=location, job_config=job_config)
             log.info("running the query (job %s)", job.job_id)
             job.result()
@@ -305,13 +355,15 @@ def _source_table(bq_client: Any, table: str | None, query: str | None, location
     names = [f.name for f in meta.schema]
     for col, flag in ((id_column, "--id-column"), (text_column, "--text-column")):
         if col not in names:
-            raise ExportError(f"{ref.dotted} has no column {col!r} (columns: {', '.join(names)}); "
-                              f"choose it with {flag}")
+            raise ExportError(
+                f"{ref.dotted} has no column {col!r} (columns: {', '.join(names)}); choose it with {flag}"
+            )
     return ref
 
 
-def _create_session(read_client: Any, billing: str, ref: TableRef, id_column: str, text_column: str,
-                    streams: int) -> Any:
+def _create_session(
+    read_client: Any, billing: str, ref: TableRef, id_column: str, text_column: str, streams: int
+) -> Any:
     from google.api_core import exceptions as gexc
     from google.cloud.bigquery_storage_v1 import types
 
@@ -322,14 +374,22 @@ def _create_session(read_client: Any, billing: str, ref: TableRef, id_column: st
         read_options=types.ReadSession.TableReadOptions(selected_fields=fields),
     )
     try:
-        return read_client.create_read_session(parent=f"projects/{billing}", read_session=request,
-                                               max_stream_count=streams)
+        return read_client.create_read_session(
+            parent=f"projects/{billing}", read_session=request, max_stream_count=streams
+        )
     except gexc.GoogleAPICallError as exc:
         raise ExportError(f"BigQuery Storage API: cannot open a read session on {ref.dotted}: {exc}") from exc
 
 
-def _pump(writer: ResumableJsonlWriter, read_client: Any, schema: Any, id_column: str, text_column: str,
-          total: int | None, show_progress: bool) -> None:
+def _pump(
+    writer: ResumableJsonlWriter,
+    read_client: Any,
+    schema: Any,
+    id_column: str,
+    text_column: str,
+    total: int | None,
+    show_progress: bool,
+) -> None:
     """Read the unfinished streams in threads and write their batches; commit as the writer asks."""
     from google.api_core import exceptions as gexc
 
@@ -341,12 +401,21 @@ def _pump(writer: ResumableJsonlWriter, read_client: Any, schema: Any, id_column
     done: list[bool] = list(writer.position["done"])
     id_index, text_index = schema.get_field_index(id_column), schema.get_field_index(text_column)
     if id_index < 0 or text_index < 0:
-        raise ExportError(f"the read session has columns {schema.names}, not {id_column!r} and {text_column!r}")
+        raise ExportError(
+            f"the read session has columns {schema.names}, not {id_column!r} and {text_column!r}"
+        )
     todo = [i for i, d in enumerate(done) if not d]
     q: queue.Queue = queue.Queue(maxsize=2 * max(1, len(todo)))
     stop = threading.Event()
-    threads = [threading.Thread(target=_read_stream, args=(read_client, names[i], offsets[i], schema, i, q, stop),
-                                name=f"bq-stream-{i}", daemon=True) for i in todo]
+    threads = [
+        threading.Thread(
+            target=_read_stream,
+            args=(read_client, names[i], offsets[i], schema, i, q, stop),
+            name=f"bq-stream-{i}",
+            daemon=True,
+        )
+        for i in todo
+    ]
     progress = Progress(total_rows=max(0, (total or 0)))
     for t in threads:
         t.start()
@@ -361,18 +430,23 @@ def _pump(writer: ResumableJsonlWriter, read_client: Any, schema: Any, id_column
                     writer.advance(_next(writer.position, offsets, done))
                     continue
                 if isinstance(item, BaseException):
-                    if isinstance(item, gexc.NotFound | gexc.FailedPrecondition | gexc.InvalidArgument) \
-                            and writer.resumed:
+                    if (
+                        isinstance(item, gexc.NotFound | gexc.FailedPrecondition | gexc.InvalidArgument)
+                        and writer.resumed
+                    ):
                         raise ExportError(
                             f"cannot resume stream {names[idx]}: {item}. BigQuery read sessions expire after "
-                            "about 6 hours; start the export again with --restart") from item
+                            "about 6 hours; start the export again with --restart"
+                        ) from item
                     if isinstance(item, gexc.GoogleAPICallError):
-                        raise ExportError(f"BigQuery Storage API: {item}; re-run the same command to resume") \
-                            from item
+                        raise ExportError(
+                            f"BigQuery Storage API: {item}; re-run the same command to resume"
+                        ) from item
                     raise item
                 batch = item
-                data, n, skipped = batch_to_lines(batch.column(id_index).to_pylist(),
-                                                  batch.column(text_index).to_pylist())
+                data, n, skipped = batch_to_lines(
+                    batch.column(id_index).to_pylist(), batch.column(text_index).to_pylist()
+                )
                 offsets[idx] += batch.num_rows
                 writer.write_lines(data, n, position=_next(writer.position, offsets, done), skipped=skipped)
                 progress.add(n, batch.num_rows)

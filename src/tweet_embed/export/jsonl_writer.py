@@ -25,7 +25,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import orjson
 
@@ -195,7 +195,7 @@ class ResumableJsonlWriter:
                 raise ExportError(f"{out} already exists (use --overwrite to replace it)")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.partial)
-            self._fh = open(self.partial, "wb")  # noqa: SIM115 - closed in finish()/close()
+            self._fh: BinaryIO = open(self.partial, "wb")  # noqa: SIM115 - closed in finish()/close()
             self._write_state()
 
     # -- state -------------------------------------------------------------------------------------
@@ -211,8 +211,10 @@ class ResumableJsonlWriter:
         except FileNotFoundError:
             return None
         except (OSError, orjson.JSONDecodeError) as exc:
-            raise ExportError(f"cannot read the export state {self.state_file}: {exc} "
-                              "(use --restart to start the export again)") from exc
+            raise ExportError(
+                f"cannot read the export state {self.state_file}: {exc} "
+                "(use --restart to start the export again)"
+            ) from exc
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ExportError(f"{self.state_file} is not an export state of this version (use --restart)")
         return state
@@ -232,12 +234,18 @@ class ResumableJsonlWriter:
             if os.path.exists(self.out) and os.path.getsize(self.out) == offset:
                 # A crash between the final rename and the removal of the state file: the export is done.
                 os.unlink(self.state_file)
-                raise ExportError(f"{self.out} is already complete ({state.get('rows')} rows); "
-                                  "use --overwrite to export again") from None
-            raise ExportError(f"{self.partial} is missing but {self.state_file} exists (use --restart)") from None
+                raise ExportError(
+                    f"{self.out} is already complete ({state.get('rows')} rows); "
+                    "use --overwrite to export again"
+                ) from None
+            raise ExportError(
+                f"{self.partial} is missing but {self.state_file} exists (use --restart)"
+            ) from None
         if size < offset:
-            raise ExportError(f"{self.partial} is shorter ({size} B) than its last commit ({offset} B); "
-                              "it was changed by something else (use --restart)")
+            raise ExportError(
+                f"{self.partial} is shorter ({size} B) than its last commit ({offset} B); "
+                "it was changed by something else (use --restart)"
+            )
         self._fh = open(self.partial, "r+b")  # noqa: SIM115
         self._fh.truncate(offset)  # drop whatever was written after the last commit
         self._fh.seek(offset)
@@ -247,23 +255,30 @@ class ResumableJsonlWriter:
         self.resumed = True
 
     def _write_state(self) -> None:
-        write_atomic(self.state_file, orjson.dumps({
-            "version": STATE_VERSION,
-            "out": os.path.abspath(self.out),
-            "source": self.source,
-            "offset": self._fh.tell(),
-            "rows": self.rows,
-            "skipped": self.skipped,
-            "cursor": self.cursor,
-            "committed_at": time.time(),
-        }, option=orjson.OPT_INDENT_2))
+        write_atomic(
+            self.state_file,
+            orjson.dumps(
+                {
+                    "version": STATE_VERSION,
+                    "out": os.path.abspath(self.out),
+                    "source": self.source,
+                    "offset": self._fh.tell(),
+                    "rows": self.rows,
+                    "skipped": self.skipped,
+                    "cursor": self.cursor,
+                    "committed_at": time.time(),
+                },
+                option=orjson.OPT_INDENT_2,
+            ),
+        )
 
     # -- writing -----------------------------------------------------------------------------------
     def write(self, rid: str, text: str, position: Any = _UNSET) -> None:
         self.write_lines(encode_line(rid, text), 1, position)
 
-    def write_lines(self, data: bytes, n: int, position: Any = _UNSET,
-                    skipped: Mapping[str, int] | None = None) -> None:
+    def write_lines(
+        self, data: bytes, n: int, position: Any = _UNSET, skipped: Mapping[str, int] | None = None
+    ) -> None:
         """Write ``n`` encoded lines; ``position`` is the source's place after them (opaque here).
 
         The writer is *busy* from the first byte until ``position`` is recorded; a write that fails or is
@@ -347,8 +362,14 @@ class ResumableJsonlWriter:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.state_file)
         fsync_dir(os.path.dirname(os.path.abspath(self.out)))
-        return ExportResult(self.out, self.rows, dict(self.skipped), self.resumed,
-                            time.monotonic() - self._started, extra or {})
+        return ExportResult(
+            self.out,
+            self.rows,
+            dict(self.skipped),
+            self.resumed,
+            time.monotonic() - self._started,
+            extra or {},
+        )
 
     def close(self) -> None:
         """Close without finishing: what was committed stays for the next run to resume."""

@@ -96,10 +96,12 @@ def resume_filter(last_id: Any) -> dict[str, Any]:
     after: dict[str, Any] = {"_id": {"$gt": last_id}}
     rank = _type_rank(last_id)
     if rank is None:
-        log.warning("resume after an _id of unknown BSON type %s: only that type is considered",
-                    type(last_id).__name__)
+        log.warning(
+            "resume after an _id of unknown BSON type %s: only that type is considered",
+            type(last_id).__name__,
+        )
         return after
-    later = [t for group in _TYPE_ORDER[rank + 1:] for t in group]
+    later = [t for group in _TYPE_ORDER[rank + 1 :] for t in group]
     if not later:
         return after
     return {"$or": [after, {"_id": {"$type": later}}]}
@@ -227,27 +229,49 @@ def export_mongo(
     if batch_size < 1:
         raise ExportError("--batch-size must be at least 1")
     user_query = dict(query or {})
-    source = {"kind": "mongo", "db": db, "collection": collection, "text_field": text_field,
-              "query": _canonical(user_query)}
-    writer = ResumableJsonlWriter(out, source, restart=restart, overwrite=overwrite,
-                                  commit_rows=commit_rows, commit_seconds=commit_seconds)
+    source = {
+        "kind": "mongo",
+        "db": db,
+        "collection": collection,
+        "text_field": text_field,
+        "query": _canonical(user_query),
+    }
+    writer = ResumableJsonlWriter(
+        out,
+        source,
+        restart=restart,
+        overwrite=overwrite,
+        commit_rows=commit_rows,
+        commit_seconds=commit_seconds,
+    )
     with writer:
         writer.position = decode_cursor(writer.cursor)
         if writer.resumed:
-            log.info("resuming the export to %s: %d rows already written, after _id %r", out, writer.rows,
-                     None if writer.position is MISSING else writer.position)
+            log.info(
+                "resuming the export to %s: %d rows already written, after _id %r",
+                out,
+                writer.rows,
+                None if writer.position is MISSING else writer.position,
+            )
         client = client_factory() if client_factory else MongoClient(uri, appname="tweet-embed")
         try:
             coll = client[db].get_collection(
-                collection, codec_options=CodecOptions(unicode_decode_error_handler="replace"))
+                collection, codec_options=CodecOptions(unicode_decode_error_handler="replace")
+            )
             total: int | None
             try:
                 total = int(coll.estimated_document_count())
             except PyMongoError as exc:
                 log.debug("estimated_document_count failed: %s", exc)
                 total = None
-            log.info("exporting %s.%s (about %s documents%s) to %s", db, collection,
-                     "?" if total is None else f"{total:,}", ", before --query" if user_query else "", out)
+            log.info(
+                "exporting %s.%s (about %s documents%s) to %s",
+                db,
+                collection,
+                "?" if total is None else f"{total:,}",
+                ", before --query" if user_query else "",
+                out,
+            )
             projection = {"_id": 1, text_field: 1}
             failures = 0
             seen = 0
@@ -287,16 +311,24 @@ def export_mongo(
                             raise ExportError(f"MongoDB error: {exc}") from exc
                         failures += 1
                         if failures > max_retries:
-                            raise ExportError(f"MongoDB connection failed {failures} times in a row, last: "
-                                              f"{exc}; re-run the same command to resume") from exc
+                            raise ExportError(
+                                f"MongoDB connection failed {failures} times in a row, last: "
+                                f"{exc}; re-run the same command to resume"
+                            ) from exc
                         writer.commit(encode_cursor(writer.position))
                         wait = min(60.0, retry_wait * 2 ** (failures - 1))
-                        log.warning("MongoDB: %s; resuming after the last _id in %.1fs (try %d of %d)",
-                                    exc, wait, failures, max_retries)
+                        log.warning(
+                            "MongoDB: %s; resuming after the last _id in %.1fs (try %d of %d)",
+                            exc,
+                            wait,
+                            failures,
+                            max_retries,
+                        )
                         time.sleep(wait)
                 progress.add(pending_rows, pending_seen)
-            return writer.finish(encode_cursor(writer.position),
-                                 extra={"documents_read": seen, "estimated_total": total})
+            return writer.finish(
+                encode_cursor(writer.position), extra={"documents_read": seen, "estimated_total": total}
+            )
         except BaseException:
             writer.commit_quietly(encode_cursor)
             raise
