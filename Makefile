@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= local,dev,ray
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test check lint typecheck bench clean sample
+.PHONY: install demo test check lint typecheck bench clean sample bq-emulator
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,16 @@ demo: install
 		$(VENV)/bin/tweet-embed search "watching the football match tonight" --k 5 --work-dir embeddings/demo --input sample/tweets.jsonl; \
 	fi
 
-test: install
+# The BigQuery emulator for tests/test_{export,load}_bigquery.py, in its own venv (see the script); if it
+# cannot be installed, those tests skip.
+BQEMU_STAMP := .venv-bqemu/.installed
+$(BQEMU_STAMP): scripts/setup_bq_emulator.sh
+	bash scripts/setup_bq_emulator.sh .venv-bqemu && touch $(BQEMU_STAMP) || \
+		echo "BigQuery emulator not installed: its tests will skip"
+
+bq-emulator: $(BQEMU_STAMP)
+
+test: install bq-emulator
 	$(PY) -m pytest -q
 
 lint: install
@@ -43,4 +52,4 @@ typecheck: install
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) embeddings .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bqemu embeddings .pytest_cache .mypy_cache .ruff_cache
