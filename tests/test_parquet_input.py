@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tweet_embed.parquet_input import (
+    check_parquet_columns,
     expand_parquet_inputs,
     is_parquet_spec,
     parquet_chunks,
@@ -151,6 +152,9 @@ def test_missing_column_names_the_columns_present(tmp_path):
     path = write(tmp_path / "c.parquet", ["a"], ["x"], id_name="id")
     with pytest.raises(InputError, match=r"no column '_id' \(columns: id, text\)"):
         read_parquet_chunk(path, 0, 1)
+    with pytest.raises(InputError, match=r"no column 'body' \(columns: id, text\)"):
+        check_parquet_columns(path, "id", "body")
+    check_parquet_columns(path, "id", "text")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "bad-pages"])
@@ -200,3 +204,32 @@ def test_bigquery_style_export_directory(tmp_path):
             got += ids
             rejected += len(rejects)
     assert got == expected and rejected == 300 - len(expected)
+
+
+def test_embed_command_stops_on_a_corrupt_parquet_file_naming_it(tmp_path, capfd):
+    """Integration: `tweet-embed embed DIR` with one damaged file among good ones is a clear error."""
+    from tweet_embed import cli
+
+    d = tmp_path / "export"
+    d.mkdir()
+    write(d / "000.parquet", ["a", "b"], ["x", "y"])
+    (d / "001.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    code = cli.main(["embed", str(d), "--work-dir", str(tmp_path / "w")])
+    assert code != 0
+    err = capfd.readouterr().err
+    assert "001.parquet" in err and "not a readable Parquet file" in err
+
+
+def test_embed_run_names_a_missing_column(tmp_path):
+    """Integration through the run loop (a fake model): the error names the column and those present."""
+    from tweet_embed.chunks import WorkDirs
+    from tweet_embed.runner import EmbedOptions, run_embed
+
+    from conftest import CountingBackend
+
+    d = tmp_path / "export"
+    d.mkdir()
+    write(d / "000.parquet", ["a", "b"], ["x", "y"], id_name="id")
+    o = EmbedOptions(inputs=[str(d)], dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None))
+    with pytest.raises(InputError, match=r"000.parquet: no column '_id' \(columns: id, text\)"):
+        run_embed(o, lambda: CountingBackend())

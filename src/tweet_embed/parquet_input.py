@@ -116,6 +116,12 @@ def _check_columns(pf: pq.ParquetFile, path: str, columns: list[str]) -> None:
             )
 
 
+def check_parquet_columns(path: str, id_field: str, text_field: str) -> None:
+    """Raise :class:`InputError` when ``path`` lacks a column; reads the footer only (call it when planning,
+    so a wrong ``--id-field`` fails before a model is loaded)."""
+    _check_columns(_open(path), path, [id_field, text_field])
+
+
 def _snippet(rid: Any, text: Any, id_field: str, text_field: str) -> str:
     raw = orjson.dumps({id_field: rid, text_field: text}, default=repr)
     return raw[: SNIPPET_CHARS * 4].decode("utf-8", "replace")[:SNIPPET_CHARS]
