@@ -242,7 +242,7 @@ def test_object_store_input_shards_and_markers(tmp_path, ray_local, s3, server) 
     uris = []
     for p in inputs:
         key = f"bucket/input/{os.path.basename(p)}"
-        with s3.open_output_stream(key) as out:
+        with s3.open_output_stream(key, compression=None) as out:
             out.write(open(p, "rb").read())
         uris.append(f"s3://{key}")
     spec = BackendSpec(urls=(server.embed_url,))

@@ -181,14 +181,15 @@ class _GzipOwner(gzip.GzipFile):
 def open_input(path: str) -> BinaryIO:
     """A remote input file's decompressed bytes: random access when plain, a stream when ``.gz``/``.zst``.
 
-    Decompression is Python's (as for local files): pyarrow's own compressed stream ended early on S3 in
-    testing. The remote stream is read through an 8 MiB buffer, so each small read is not a GET of its own.
+    Decompression is Python's, exactly as for local files (``compression=None`` everywhere: pyarrow would
+    otherwise guess a codec from the name). The remote stream is read through an 8 MiB buffer, so each small
+    read is not a GET of its own.
     """
     lower = path.lower()
     if not lower.endswith((".gz", ".zst", ".zstd")):
         return open_raw(path)
     fs, inner = resolve(path)
-    raw = fs.open_input_stream(inner, buffer_size=8 << 20)
+    raw = fs.open_input_stream(inner, compression=None, buffer_size=8 << 20)
     if lower.endswith(".gz"):
         return _GzipOwner(raw)  # type: ignore[return-value]
     import zstandard
@@ -244,7 +245,7 @@ def write_bytes(path: str, data: bytes) -> None:
         write_atomic(local_path(path), data)
         return
     fs, inner = resolve(path)
-    with fs.open_output_stream(inner) as out:  # one PUT: atomic on object stores
+    with fs.open_output_stream(inner, compression=None) as out:  # one PUT: atomic on object stores
         out.write(data)
 
 
@@ -260,7 +261,7 @@ def upload_file(src: str, dest: str) -> None:
         publish(src, local_path(dest))
         return
     fs, inner = resolve(dest)
-    with open(src, "rb") as fh, fs.open_output_stream(inner) as out:
+    with open(src, "rb") as fh, fs.open_output_stream(inner, compression=None) as out:
         shutil.copyfileobj(fh, out, 8 << 20)
     os.unlink(src)
 

@@ -139,8 +139,13 @@ def _get_runtime() -> _Runtime:
         return _runtime
 
 
-def run_chunk(job: _Job, f: InputFile, chunk: Chunk, data: bytes | None) -> tuple[Marker, dict[str, int]]:
-    """One chunk on a Ray worker: the shared :func:`process_chunk`, with this process's backend."""
+def run_chunk(job: _Job, f: InputFile, chunk: Chunk, data: bytes | None,
+              stats: bool = True) -> tuple[Marker, dict[str, int]]:
+    """One chunk on a Ray worker: the shared :func:`process_chunk`, with this process's backend.
+
+    Returns the marker and what the backend's counters grew by (a task runs alone in its process, so the
+    difference is this chunk's; actors run two chunks at once and report their counters at the end instead).
+    """
     rt = _get_runtime()
 
     async def go() -> tuple[Marker, dict[str, int]]:
@@ -155,6 +160,8 @@ def run_chunk(job: _Job, f: InputFile, chunk: Chunk, data: bytes | None) -> tupl
         except BaseException:
             await rt.drop()
             raise
+        if not stats:
+            return marker, {}
         after = backend.stats()
         return marker, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
@@ -177,7 +184,11 @@ class ChunkActor:
 
     def process(self, job: _Job, f: InputFile, chunk: Chunk, data: bytes | None) -> tuple[Marker, dict[str, int]]:
         _start_actor_backend(self.key, self.factory, 1)  # after a restart the constructor ran again: load
-        return run_chunk(job, f, chunk, data)
+        return run_chunk(job, f, chunk, data, stats=False)
+
+    def stats(self) -> dict[str, int]:
+        rt = _get_runtime()
+        return dict(rt.backend.stats()) if rt.backend is not None else {}
 
     def pid(self) -> int:
         return os.getpid()
@@ -294,8 +305,6 @@ async def run_on_ray(
         job = _Job(key, factory, dirs, metadata, copts, info.model, info.dim, slots)
         job_ref = ray.put(job)
         limit = ropts.in_flight or max(2 * slots, opts.chunks_in_flight)
-        log.info("Ray engine: %d chunks as %s, up to %d at once", len(pending),
-                 f"calls on {len(actors)} actor(s)" if actors else "tasks", limit)
 
         if actors:
             free = [a for a in actors for _ in range(2)]
@@ -314,6 +323,8 @@ async def run_on_ray(
             def submit(c: Chunk, data: bytes | None) -> Any:
                 return task.remote(job_ref, plan.files[c.file_index], c, data)
 
+        log.info("Ray engine: %d chunks as %s, up to %d at once", len(pending),
+                 f"calls on {len(actors)} actor(s)" if actors else "tasks", limit)
         items = _work_items(plan, pending)
         inflight: dict[Any, Chunk] = {}
         with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
@@ -343,6 +354,9 @@ async def run_on_ray(
                         for k, v in stats.items():
                             summary.stats[k] = summary.stats.get(k, 0) + v
                         progress.add(marker.rows, chunk.n_lines)
+                for counters in ray.get([a.stats.remote() for a in actors]):
+                    for k, v in counters.items():
+                        summary.stats[k] = summary.stats.get(k, 0) + v
             except BaseException:
                 for ref in inflight:
                     with contextlib.suppress(Exception):
