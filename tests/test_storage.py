@@ -19,6 +19,7 @@ from tweet_embed.backends import Backend, make_backend
 from tweet_embed.chunks import WorkDirs, done_markers, make_plan
 from tweet_embed.records import InputError, check_input_path, read_range
 from tweet_embed.runner import EmbedOptions, run_embed
+from tweet_embed.status import run_status
 from tweet_embed.testserver import TEIServer, expected_vectors
 
 DIM = 8
@@ -148,6 +149,8 @@ def test_local_engine_on_s3_resumes_and_restarts(tmp_path, s3) -> None:
         dirs = WorkDirs.from_options(work, None, None, None)
         markers = done_markers(dirs)
         assert len(markers) == 7
+        report, code = run_status(dirs)
+        assert code == 0 and "chunks: 7 / 7 done" in report and "rejected: 1" in report
         fs, inner = storage.resolve(f"{work}/shards")
         names = sorted(storage.list_names(f"{work}/shards"))
         ids: list[str] = []

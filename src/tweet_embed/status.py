@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
+from . import storage
 from .chunks import Plan, WorkDirs, done_markers
 from .progress import fmt_eta
 
 
 def run_status(dirs: WorkDirs) -> tuple[str, int]:
     """Return (report, exit code): 0 when complete, 1 when chunks remain, 2 when there is no run."""
-    try:
-        with open(dirs.plan_path, "rb") as fh:
-            plan = Plan.from_json(fh.read())
-    except FileNotFoundError:
+    data = storage.read_bytes(dirs.plan_path)
+    if data is None:
         return f"no run in {dirs.progress} (no plan.json)", 2
+    plan = Plan.from_json(data)
     markers = done_markers(dirs)
     names = {c.name for c in plan.chunks}
     done = [m for n, m in markers.items() if n in names]
@@ -28,7 +26,8 @@ def run_status(dirs: WorkDirs) -> tuple[str, int]:
         f"rows embedded: {rows}, rejected: {rejects}",
     ]
     # speed from the markers' times: the most recent stretch of work, robust to pauses between runs
-    times = sorted(os.path.getmtime(dirs.marker_path(c)) for c in plan.chunks if c.name in markers)
+    times = sorted(storage.parallel_map(storage.mtime, [dirs.marker_path(c) for c in plan.chunks if c.name in markers],
+                                        storage.is_uri(dirs.progress)))
     if len(times) >= 2 and len(done) < len(plan.chunks):
         recent = times[-min(len(times), 50):]
         span = recent[-1] - recent[0]
