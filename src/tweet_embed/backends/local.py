@@ -112,28 +112,22 @@ def plan_batches(
 ) -> list[tuple[int, int, int]]:
     """Cut length-sorted texts into ``(start, end, padded_length)`` batches within the token budget.
 
-    Consecutive texts share a batch (a batch may span several length buckets, padded to its longest), so each
-    call ends with at most one partial batch and full batches have one shape per padded length.
+    Each batch holds texts of one padded length only (a bucket), so padding costs at most ``multiple - 1``
+    tokens per text; a bucket is cut into full batches of ``rows_for(length)`` rows and one partial batch.
     """
     n = len(sorted_lengths)
+    if n == 0:
+        return []
+    padded = np.minimum(-(-np.asarray(sorted_lengths, dtype=np.int64) // multiple) * multiple, max_len)
     out: list[tuple[int, int, int]] = []
-
-    def fits(i: int, j: int) -> bool:
-        length = pad_length(int(sorted_lengths[j - 1]), multiple, max_len)
-        return j - i <= rows_for(length, token_budget, max_rows)
-
-    i = 0
-    while i < n:
-        # fits(i, j) holds for a prefix of j (rows grow, the allowance shrinks): take the longest batch
-        lo, hi = i + 1, min(n, i + max_rows)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(i, mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        out.append((i, lo, pad_length(int(sorted_lengths[lo - 1]), multiple, max_len)))
-        i = lo
+    # bucket boundaries: where the padded length changes (sorted input, so buckets are contiguous)
+    cuts = np.flatnonzero(np.diff(padded)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [n]])
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        length = int(padded[s])
+        rows = rows_for(length, token_budget, max_rows)
+        out.extend((i, min(i + rows, e), length) for i in range(s, e, rows))
     return out
 
 
@@ -264,6 +258,7 @@ class LocalBackend(Backend):
         self._cuda = False
         self._multiple = 1
         self._max_rows = 256
+        self._mask4d = False
 
     # ---- set-up
 
@@ -320,18 +315,22 @@ class LocalBackend(Backend):
             max_batch = self.batch_size or 16384
             in_flight = 2
         else:
-            self._multiple = 8
+            # CPU: no shapes to warm, so pad less; calls large enough that sorting by length pays
+            self._multiple = 4
             default_budget = 1 << 13
-            self._max_rows = 256
-            max_batch = self.batch_size or 256
+            self._max_rows = 512
+            max_batch = self.batch_size or 1024
             in_flight = 1
         self.token_budget = self.token_budget or default_budget
         if self.batch_size:
             self._max_rows = min(self._max_rows, self.batch_size)
         self._stats["load_ms"] = int((time.perf_counter() - t0) * 1000)
+        if self._model is not None:
+            self._check_mask4d()
         if self._cuda and self.warmup and self._model is not None:
             self._warm_up()
-        extra = {"device": device, "dtype": str(dtype).replace("torch.", "")}
+        # extra goes into every shard's metadata: only what is the same on every device of a run
+        extra = {"dtype": str(dtype).replace("torch.", "")}
         if self._model is None:
             extra["pipeline"] = "sentence-transformers"
         return BackendInfo(
@@ -377,6 +376,21 @@ class LocalBackend(Backend):
         for p in model.parameters():
             p.requires_grad_(False)
         self._model = model
+
+    def _check_mask4d(self) -> None:
+        """Use a ready 4-D boolean mask when this transformers version takes one and gives the same vectors."""
+        torch = self._torch
+        ids = torch.tensor([[101, 7592, 2088, 102], [101, 102, 0, 0]], dtype=torch.int32, device=self._device)
+        lens = torch.tensor([4, 2], dtype=torch.int32, device=self._device)
+        with torch.inference_mode():
+            self._mask4d = False
+            ref = self._forward(ids, lens)
+            try:
+                self._mask4d = True
+                got = self._forward(ids, lens)
+                self._mask4d = bool(torch.allclose(got, ref, atol=2e-3, rtol=2e-3))
+            except Exception:  # noqa: BLE001 - older transformers reject 4-D masks: keep the 2-D form
+                self._mask4d = False
 
     def _load_fast(self, path: Path, layout: tuple[str, int], dtype: Any, offline: bool) -> None:
         if offline:
@@ -467,7 +481,13 @@ class LocalBackend(Backend):
         torch = self._torch
         length = ids.shape[1]
         mask = torch.arange(length, device=ids.device)[None, :] < lens[:, None]
-        hidden = self._model(input_ids=ids, attention_mask=mask.to(torch.int64)).last_hidden_state
+        if self._mask4d:
+            # a ready 4-D mask skips transformers' "is anything padded?" check, a host sync per batch that
+            # would stop the CPU from queueing the next batches while the GPU works
+            attn = mask[:, None, None, :]
+        else:
+            attn = mask.to(torch.int64)
+        hidden = self._model(input_ids=ids, attention_mask=attn).last_hidden_state
         if self._pooling == "cls":
             pooled = hidden[:, 0].float()
         else:

@@ -1,0 +1,411 @@
+"""GPU benchmark of the in-process backend: where each stage's ceiling is and how close ``embed`` gets to it.
+
+One run measures, on the same machine:
+
+1. the tokenizer's own ceiling (Rust fast tokenizer, all cores) and the backend's tokenize step;
+2. the raw forward limit for all-MiniLM-L6-v2 and a random-initialised 24-layer 1,024-d BERT (pre-tokenized,
+   pre-padded to x16, length-sorted, warmed tensors already on the GPU; mean-pooled, normalised, copied to host),
+   both at 4,096 rows per batch (the issue's reference set-up) and with the backend's own token-budget batches;
+3. the backend in-process (tokenize + GPU, no file I/O), one call and two calls in flight;
+4. ``SentenceTransformer.encode`` (MiniLM, fp16, batch 1,024) for comparison;
+5. the run loop with a null model (read, parse, write Parquet: the I/O ceiling);
+6. ``tweet-embed embed`` end to end from a JSONL file to Parquet shards, as a subprocess, for both models:
+   wall time (with start-up) and steady state (first to last shard).
+
+Prints one line per figure and writes JSON. ``--quick`` runs tiny sizes on the CPU (for testing the script).
+
+    python bench/gpu_bench.py                     # GPU: 1M lines, about 3 minutes on an H100
+    python bench/gpu_bench.py --quick             # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from tweet_embed.backends.base import Backend, BackendInfo  # noqa: E402
+from tweet_embed.backends.local import LocalBackend, minilm_dir, pad_length, pad_rows  # noqa: E402
+from tweet_embed.synth import synth_tweets, write_jsonl  # noqa: E402
+
+RESULTS: dict[str, Any] = {}
+
+
+def emit(key: str, value: float, unit: str = "docs/s", note: str = "") -> None:
+    """One printed line per figure, and the same figure in the JSON."""
+    RESULTS.setdefault("figures", {})[key] = {"value": round(float(value), 3), "unit": unit, "note": note}
+    shown = f"{value:,.0f}" if unit == "docs/s" else f"{value:,.3f}"
+    print(f"{key:<48} {shown:>12} {unit}" + (f"   ({note})" if note else ""), flush=True)
+
+
+def sync(torch: Any, device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def bench_tokenizer(texts: list[str], backend: LocalBackend) -> dict[str, float]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length=256)
+    step = 10_000
+    out = {}
+    for name, fn in (
+        ("encode_batch_fast", tok.encode_batch_fast),
+        ("encode_batch", tok.encode_batch),
+    ):
+        fn(texts[:step])
+        t = time.perf_counter()
+        for i in range(0, len(texts), step):
+            fn(texts[i : i + step])
+        out[name] = len(texts) / (time.perf_counter() - t)
+        emit(f"tokenizer {name}", out[name], note=f"{os.cpu_count()} cores, calls of {step:,}")
+    t = time.perf_counter()
+    lengths = []
+    for i in range(0, len(texts), step):
+        lengths.append(backend.tokenize(texts[i : i + step])[2])
+    out["backend_tokenize"] = len(texts) / (time.perf_counter() - t)
+    emit("tokenizer + ids to numpy (backend step)", out["backend_tokenize"])
+    lens = np.concatenate(lengths)
+    RESULTS["tokens"] = {
+        "mean": float(lens.mean()),
+        "p95": float(np.percentile(lens, 95)),
+        "max": int(lens.max()),
+    }
+    print(f"tokens per text: mean {lens.mean():.1f}, p95 {np.percentile(lens, 95):.0f}, max {lens.max()}")
+    return out
+
+
+def raw_limit(backend: LocalBackend, texts: list[str], label: str, rows_per_batch: int | None) -> float:
+    """Forward + pool + normalise + copy to host over pre-tokenized, pre-padded, sorted tensors on the device."""
+    import torch
+
+    dev = backend._device
+    flat, offsets, lengths = backend.tokenize(texts)
+    order = np.argsort(lengths, kind="stable")
+    mult = backend._multiple
+    batches: list[tuple[Any, Any]] = []
+    if rows_per_batch:  # fixed rows per batch (the issue's reference set-up)
+        spans = [(s, min(s + rows_per_batch, len(order))) for s in range(0, len(order), rows_per_batch)]
+        plan = [(s, e, pad_length(int(lengths[order[e - 1]]), mult, backend._max_len)) for s, e in spans]
+    else:  # the backend's own token-budget batches
+        from tweet_embed.backends.local import plan_batches
+
+        assert backend.token_budget is not None
+        plan = plan_batches(lengths[order], backend.token_budget, backend._max_rows, mult, backend._max_len)
+    for s, e, length in plan:
+        rows = order[s:e]
+        ids = torch.from_numpy(pad_rows(flat, offsets, lengths, rows, length)).to(dev)
+        lens = torch.from_numpy(lengths[rows].astype(np.int32)).to(dev)
+        batches.append((ids, lens))
+    pin = dev.startswith("cuda")
+    host = torch.empty((len(texts), backend._dim), dtype=torch.float32, pin_memory=pin)
+    best = 0.0
+    with torch.inference_mode():
+        for rep in range(3):  # the first pass warms every shape; the best of the next two counts
+            sync(torch, dev)
+            t = time.perf_counter()
+            pos = 0
+            for ids, lens in batches:
+                out = backend._forward(ids, lens)
+                host[pos : pos + len(lens)].copy_(out, non_blocking=pin)
+                pos += len(lens)
+            sync(torch, dev)
+            if rep:
+                best = max(best, len(texts) / (time.perf_counter() - t))
+    how = f"batch {rows_per_batch:,}" if rows_per_batch else f"token budget {backend.token_budget:,}"
+    emit(f"raw forward {label} ({how})", best, note=f"{len(texts):,} texts, x{mult} lengths, warmed")
+    del batches
+    return best
+
+
+def in_process(backend: LocalBackend, texts: list[str], label: str, call: int) -> dict[str, float]:
+    out = {}
+    backend.embed_sync(texts[:call])
+    for in_flight in (1, 2):
+        calls = [texts[i : i + call] for i in range(0, len(texts), call)]
+        t = time.perf_counter()
+        with ThreadPoolExecutor(in_flight) as ex:
+            list(ex.map(backend.embed_sync, calls))
+        out[in_flight] = len(texts) / (time.perf_counter() - t)
+        emit(f"backend in-process {label} ({in_flight} in flight)", out[in_flight], note=f"calls of {call:,}")
+    return out
+
+
+def bench_st(texts: list[str], device: str, batch: int) -> float:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(minilm_dir()), device=device, local_files_only=True)
+    if device.startswith("cuda"):
+        st = st.half()
+    st.encode(texts[:batch], batch_size=batch, normalize_embeddings=True)
+    t = time.perf_counter()
+    st.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
+    rate = len(texts) / (time.perf_counter() - t)
+    emit(
+        "SentenceTransformer.encode minilm",
+        rate,
+        note=f"batch {batch:,}, {'fp16' if device != 'cpu' else 'fp32'}",
+    )
+    del st
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rate
+
+
+class NullBackend(Backend):
+    """Returns canned unit vectors at once: measures reading, parsing and writing alone."""
+
+    def __init__(self, dim: int) -> None:
+        rng = np.random.default_rng(0)
+        pool = rng.standard_normal((4096, dim)).astype(np.float32)
+        self.pool = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+        self.dim = dim
+
+    async def start(self) -> BackendInfo:
+        return BackendInfo(kind="null", model="null", dim=self.dim, max_batch=16384, max_in_flight=2)
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.pool[np.arange(len(texts)) % len(self.pool)]
+
+
+def bench_null(path: Path, work: Path, n: int, chunk: int) -> float:
+    from tweet_embed.chunks import WorkDirs
+    from tweet_embed.runner import EmbedOptions, run_embed
+
+    shutil.rmtree(work, ignore_errors=True)
+    opts = EmbedOptions(
+        inputs=[str(path)],
+        dirs=WorkDirs.from_options(str(work), None, None, None),
+        log_interval=3600,
+        chunk_lines=chunk,
+    )
+    t = time.perf_counter()
+    summary = run_embed(opts, lambda: NullBackend(384))
+    rate = summary.rows / (time.perf_counter() - t)
+    assert summary.rows == n, summary.text()
+    emit("run loop with a null model (read, parse, write)", rate, note=f"{n:,} lines")
+    shutil.rmtree(work, ignore_errors=True)
+    return rate
+
+
+def bench_e2e(
+    path: Path, work: Path, n: int, model: str, label: str, device: str | None, chunk: int
+) -> dict[str, Any]:
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tweet_embed",
+        "embed",
+        str(path),
+        "--work-dir",
+        str(work),
+        "--model",
+        model,
+        "--log-interval",
+        "3600",
+        "--chunk-size",
+        str(chunk),
+    ]
+    if device:
+        cmd += ["--device", device]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise RuntimeError(f"tweet-embed embed failed ({proc.returncode})")
+    shards = sorted((work / "shards").glob("part-*.parquet"))
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    assert rows == n, f"{rows} rows in shards, expected {n}"
+    mtimes = sorted(s.stat().st_mtime for s in shards)
+    first_rows = pq.ParquetFile(shards[0]).metadata.num_rows
+    steady = (
+        (rows - first_rows) / (mtimes[-1] - mtimes[0]) if len(mtimes) > 1 and mtimes[-1] > mtimes[0] else 0.0
+    )
+    stats = {}
+    m = re.search(r"Backend: (.*)", proc.stderr)
+    if m:
+        stats = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+    m = re.search(r"in ([\d.]+)s: ([\d.]+) docs/s", proc.stderr)
+    run_s = float(m.group(1)) if m else 0.0
+    emit(f"tweet-embed embed {label} (wall, with start-up)", n / wall, note=f"{n:,} lines, {wall:.1f}s")
+    emit(f"tweet-embed embed {label} (steady, first→last shard)", steady, note=f"{len(shards)} shards")
+    print(f"  backend stats: {stats}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"wall_s": wall, "run_s": run_s, "steady": steady, "wall_rate": n / wall, "stats": stats}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (tests the script)")
+    ap.add_argument("--lines", type=int, help="JSONL lines for the end-to-end runs (default 1M; quick 3k)")
+    ap.add_argument("--device", help="default: cuda:0 if present (cpu with --quick)")
+    ap.add_argument("--large", help="the GPU-bound model (default random:bert-large; quick random:L2-H128)")
+    ap.add_argument("--work", help="scratch directory (default: a temporary one)")
+    ap.add_argument(
+        "--out", help="JSON results (default bench/results/gpu_bench.json; quick: gpu_bench_quick.json)"
+    )
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda:0")
+    q = args.quick
+    n_lines = args.lines or (900 if q else 1_000_000)
+    large = args.large or ("random:L2-H128" if q else "random:bert-large")
+    sizes = {
+        "tok": 5_000 if q else 200_000,
+        "raw_small": 300 if q else 200_000,
+        "raw_large": 300 if q else 40_000,
+        "st": 100 if q else 50_000,
+        "call": 100 if q else 10_000,
+        "chunk": 300 if q else 10_000,
+    }
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    RESULTS["env"] = {
+        "device": torch.cuda.get_device_name(device)
+        if device.startswith("cuda")
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "quick": q,
+        "lines": n_lines,
+        "large_model": large,
+        "sizes": sizes,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(f"device {RESULTS['env']['device']}, torch {torch.__version__}, {os.cpu_count()} cores", flush=True)
+    t_all = time.perf_counter()
+
+    texts = [t for _, t in synth_tweets(max(sizes["tok"], sizes["raw_small"]), seed=11)]
+    corpus = work / "tweets.jsonl"
+    t = time.perf_counter()
+    write_jsonl(str(corpus), n_lines, seed=7)
+    print(
+        f"corpus: {n_lines:,} lines, {corpus.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t:.1f}s"
+    )
+
+    def start(model: str) -> LocalBackend:
+        b = LocalBackend(model, device=device)
+        t0 = time.perf_counter()
+        asyncio.run(b.start())
+        st = b.stats()
+        print(
+            f"{model}: start {time.perf_counter() - t0:.1f}s (load {st['load_ms']} ms, warm-up "
+            f"{st['warmup_ms']} ms), token budget {b.token_budget:,}, max rows {b._max_rows:,}",
+            flush=True,
+        )
+        return b
+
+    small = start("all-MiniLM-L6-v2")
+    RESULTS["tokenizer"] = bench_tokenizer(texts[: sizes["tok"]], small)
+    raw: dict[str, float] = {}
+    raw["minilm_4096"] = raw_limit(small, texts[: sizes["raw_small"]], "minilm", 4096)
+    raw["minilm_budget"] = raw_limit(small, texts[: sizes["raw_small"]], "minilm", None)
+    inproc_small = in_process(small, texts[: sizes["raw_small"]], "minilm", sizes["call"])
+    asyncio.run(small.close())
+    del small
+
+    big = start(large)
+    raw["large_4096"] = raw_limit(big, texts[: sizes["raw_large"]], "large", 4096)
+    raw["large_budget"] = raw_limit(big, texts[: sizes["raw_large"]], "large", None)
+    inproc_large = in_process(big, texts[: sizes["raw_large"]], "large", sizes["call"])
+    asyncio.run(big.close())
+    del big
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+    st_rate = bench_st(texts[: sizes["st"]], device, 1024)
+    null_rate = bench_null(corpus, work / "null", n_lines, sizes["chunk"])
+    e2e = {}
+    if not args.skip_e2e:
+        e2e["minilm"] = bench_e2e(
+            corpus, work / "e2e_small", n_lines, "all-MiniLM-L6-v2", "minilm", device, sizes["chunk"]
+        )
+        e2e["large"] = bench_e2e(corpus, work / "e2e_large", n_lines, large, "large", device, sizes["chunk"])
+
+    # verdicts: end to end (steady state) against the raw limit measured in this run
+    limit_small = max(raw["minilm_4096"], raw["minilm_budget"])
+    limit_large = max(raw["large_4096"], raw["large_budget"])
+    tok_ceiling = max(RESULTS["tokenizer"]["encode_batch_fast"], 1.0) if "tokenizer" in RESULTS else None
+    verdict: dict[str, Any] = {
+        "raw_limit_minilm": limit_small,
+        "raw_limit_large": limit_large,
+        "st_encode_minilm": st_rate,
+        "null_pipeline": null_rate,
+        "inprocess_minilm": inproc_small,
+        "inprocess_large": inproc_large,
+    }
+    if e2e:
+        for key, limit in (("minilm", limit_small), ("large", limit_large)):
+            r = e2e[key]
+            verdict[f"{key}_e2e_steady_over_raw"] = r["steady"] / limit
+            verdict[f"{key}_e2e_wall_over_raw"] = r["wall_rate"] / limit
+            emit(f"ratio e2e/raw {key} (steady)", r["steady"] / limit, unit="x")
+            emit(f"ratio e2e/raw {key} (wall)", r["wall_rate"] / limit, unit="x")
+        emit("ratio e2e/SentenceTransformer minilm (steady)", e2e["minilm"]["steady"] / st_rate, unit="x")
+        emit("ratio e2e/SentenceTransformer minilm (wall)", e2e["minilm"]["wall_rate"] / st_rate, unit="x")
+        stages = {
+            "tokenizer": RESULTS["figures"]["tokenizer + ids to numpy (backend step)"]["value"],
+            "gpu forward": limit_small,
+            "read/parse/write": null_rate,
+        }
+        verdict["minilm_stage_ceilings"] = stages
+        verdict["minilm_limited_by"] = min(stages, key=stages.__getitem__)
+        stages_l = {
+            "tokenizer": stages["tokenizer"],
+            "gpu forward": limit_large,
+            "read/parse/write": null_rate,
+        }
+        verdict["large_limited_by"] = min(stages_l, key=stages_l.__getitem__)
+        print(f"minilm limited by: {verdict['minilm_limited_by']} {stages}")
+        print(f"large limited by: {verdict['large_limited_by']} {stages_l}")
+    RESULTS["raw"] = raw
+    RESULTS["e2e"] = e2e
+    RESULTS["verdict"] = verdict
+    RESULTS["tokenizer_ceiling_docs_s"] = tok_ceiling
+    RESULTS["total_s"] = time.perf_counter() - t_all
+    out = Path(args.out or ROOT / "bench" / "results" / ("gpu_bench_quick.json" if q else "gpu_bench.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(RESULTS, indent=2, default=float) + "\n")
+    print(f"total {RESULTS['total_s']:.0f}s; results in {out}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
