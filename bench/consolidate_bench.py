@@ -41,28 +41,37 @@ from tweet_embed.parquet import make_table, write_table  # noqa: E402
 def pick_dir(need: int, explicit: str | None) -> str:
     if explicit:
         return explicit
-    best = max(("/work", tempfile.gettempdir()), key=lambda d: shutil.disk_usage(d).free if os.path.isdir(d) else 0)
+    best = max(
+        ("/work", tempfile.gettempdir()), key=lambda d: shutil.disk_usage(d).free if os.path.isdir(d) else 0
+    )
     free = shutil.disk_usage(best).free
     if free < need:
         sys.exit(f"not enough free disk: {free / 1e9:.1f} GB in {best}, need {need / 1e9:.1f} GB")
     return best
 
 
-def generate(shards_dir: str, gb: float, dim: int, rows_per_shard: int, seed: int = 0) -> tuple[int, int, int]:
+def generate(
+    shards_dir: str, gb: float, dim: int, rows_per_shard: int, seed: int = 0
+) -> tuple[int, int, int]:
     """Write shards like embed does; returns (shards, rows, duplicate rows)."""
     os.makedirs(shards_dir)
     rng = np.random.default_rng(seed)
-    bytes_per_row = dim * 4 + 20
-    total_rows = int(gb * 1e9 / bytes_per_row)
-    n_shards = max(1, -(-total_rows // rows_per_shard))
-    meta = {"backend": "local", "model": "sentence-transformers/all-MiniLM-L6-v2", "dim": str(dim),
-            "normalize": "true", "version": "bench"}
+    goal = int(gb * 1e9)  # shard bytes on disk (zstd takes ~8 % off normalised float32, so count real bytes)
+    meta = {
+        "backend": "local",
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "dim": str(dim),
+        "normalize": "true",
+        "version": "bench",
+    }
     next_id = 1_600_000_000_000_000_000
     dups = 0
     written = 0
     prev: list[str] = []
-    for s in range(n_shards):
-        n = min(rows_per_shard, total_rows - written)
+    on_disk = 0
+    s = 0
+    while on_disk < goal:
+        n = rows_per_shard
         ids = [str(next_id + i) for i in range(n)]
         next_id += n
         if prev:  # ~0.1 % of rows repeat an id of the previous shard (a re-embedded chunk, say)
@@ -73,11 +82,14 @@ def generate(shards_dir: str, gb: float, dim: int, rows_per_shard: int, seed: in
         prev = ids
         v = rng.standard_normal((n, dim), dtype=np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        write_table(make_table(ids, v, meta), os.path.join(shards_dir, f"part-{s // 10_000:04d}-{s:07d}.parquet"))
+        path = os.path.join(shards_dir, f"part-{s // 10_000:04d}-{s:07d}.parquet")
+        write_table(make_table(ids, v, meta), path)
+        on_disk += os.path.getsize(path)
         written += n
+        s += 1
         if s % 50 == 0:
-            print(f"  generated {s + 1}/{n_shards} shards", file=sys.stderr, flush=True)
-    return n_shards, written, dups
+            print(f"  generated {s} shards, {on_disk / 1e9:.2f} GB", file=sys.stderr, flush=True)
+    return s, written, dups
 
 
 def dir_bytes(d: str) -> int:
@@ -123,7 +135,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--rows-per-shard", type=int, default=10_000)
     ap.add_argument("--target-size", default="2GB")
-    ap.add_argument("--dir", help="parent directory for the temporary data (default: most free of /work, /tmp)")
+    ap.add_argument(
+        "--dir", help="parent directory for the temporary data (default: most free of /work, /tmp)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "consolidate.json"))
     args = ap.parse_args()
@@ -140,10 +154,20 @@ def main() -> None:
         subprocess.run(["sync"], check=True)
 
         print("consolidating", file=sys.stderr)
-        cmd = [sys.executable, "-m", "tweet_embed", "consolidate", "--shards-dir", shards, "--out-dir", out,
-               "--target-size", args.target_size]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tweet_embed",
+            "consolidate",
+            "--shards-dir",
+            shards,
+            "--out-dir",
+            out,
+            "--target-size",
+            args.target_size,
+        ]
         c_s, c_rss, c_sampled, c_log = run_measured(cmd)
-        with open(os.path.join(out, "manifest.json")) as fh:
+        with open(os.path.join(out, "_manifest.json")) as fh:
             manifest = json.load(fh)
         assert manifest["rows"] == rows - dups, (manifest["rows"], rows, dups)
         assert manifest["duplicates"]["rows_dropped"] == dups
@@ -154,19 +178,29 @@ def main() -> None:
         record = {
             "what": "tweet-embed consolidate vs cp -r of the same shards (same disk, same machine)",
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "mem_gib": round(os.sysconf("SC_PHYS_PAGES")
-                                                                 * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-                        "platform": platform.platform(), "python": platform.python_version(),
-                        "data_dir": parent, "loadavg_1m_at_end": round(os.getloadavg()[0], 2)},
-            "shards": n_shards, "rows": rows, "duplicate_rows": dups, "dim": args.dim,
-            "shard_bytes": nbytes, "output_files": len(manifest["files"]),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "data_dir": parent,
+                "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+            },
+            "shards": n_shards,
+            "rows": rows,
+            "duplicate_rows": dups,
+            "dim": args.dim,
+            "shard_bytes": nbytes,
+            "output_files": len(manifest["files"]),
             "output_bytes": sum(f["bytes"] for f in manifest["files"]),
             "row_groups": sum(f["row_groups"] for f in manifest["files"]),
             "generate_s": round(gen_s, 1),
-            "consolidate_s": round(c_s, 1), "consolidate_MBps": round(nbytes / 1e6 / c_s, 1),
+            "consolidate_s": round(c_s, 1),
+            "consolidate_MBps": round(nbytes / 1e6 / c_s, 1),
             "consolidate_peak_rss_MiB": round(c_rss / 2**20, 1),
             "consolidate_sampled_rss_MiB": round(c_sampled / 2**20, 1),
-            "cp_s": round(cp_s, 1), "cp_MBps": round(nbytes / 1e6 / cp_s, 1),
+            "cp_s": round(cp_s, 1),
+            "cp_MBps": round(nbytes / 1e6 / cp_s, 1),
             "consolidate_log_tail": c_log.splitlines()[-8:],
         }
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

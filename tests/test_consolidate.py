@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, run_cli
 from tweet_embed import consolidate as C
 from tweet_embed.parquet import file_sha256, make_table, write_table
+
+from conftest import ROOT, run_cli
 
 META = {
     "backend": "local",
@@ -53,7 +54,7 @@ def write_shards(
 
 
 def read_out(out_dir: str) -> pa.Table:
-    m = json.load(open(os.path.join(out_dir, "manifest.json")))
+    m = json.load(open(os.path.join(out_dir, "_manifest.json")))
     return pa.concat_tables([pq.read_table(os.path.join(out_dir, f["name"])) for f in m["files"]])
 
 
@@ -167,10 +168,10 @@ def test_rerun_is_noop_and_other_settings_need_overwrite(tmp_path):
     write_shards(shards, [["a", "b"], ["c"]])
     out = str(tmp_path / "out")
     first = C.consolidate(shards, out)
-    before = open(os.path.join(out, "manifest.json"), "rb").read()
+    before = open(os.path.join(out, "_manifest.json"), "rb").read()
     again = C.consolidate(shards, out)
     assert again.noop and "already consolidated" in again.messages[0]
-    assert open(os.path.join(out, "manifest.json"), "rb").read() == before
+    assert open(os.path.join(out, "_manifest.json"), "rb").read() == before
     r = run_cli("consolidate", "--shards-dir", shards, "--out-dir", out)
     assert r.returncode == 0 and "already consolidated" in r.stdout
     with pytest.raises(C.ConsolidateError, match="other settings"):
@@ -260,7 +261,7 @@ def test_crash_after_some_files_resumes_to_identical_output(tmp_path, monkeypatc
     with pytest.raises(OSError):
         C.consolidate(shards, out, target_size="40KB", row_group_size="10KB")
     monkeypatch.setattr(C._Writer, "_close_file", real_close)
-    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    assert not os.path.exists(os.path.join(out, "_manifest.json"))
     res = C.consolidate(shards, out, target_size="40KB", row_group_size="10KB")
     assert res.resumed_files == 2
     assert res.manifest == want
@@ -293,7 +294,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_same_manifest(tmp_path):
     t0 = time.monotonic()
     subprocess.run(_consolidate_cmd(shards, ref), check=True, capture_output=True)
     full = time.monotonic() - t0
-    want = open(os.path.join(ref, "manifest.json"), "rb").read()
+    want = open(os.path.join(ref, "_manifest.json"), "rb").read()
     rng = random.Random(1234)
     killed = resumed = 0
     for i in range(12):
@@ -310,14 +311,14 @@ def test_sigkill_at_random_moments_then_rerun_gives_same_manifest(tmp_path):
         r = subprocess.run(_consolidate_cmd(shards, out), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         resumed += "resumed after" in r.stdout
-        assert open(os.path.join(out, "manifest.json"), "rb").read() == want
+        assert open(os.path.join(out, "_manifest.json"), "rb").read() == want
         m = json.loads(want)
         for f in m["files"]:
             assert file_sha256(os.path.join(out, f["name"])) == f["sha256"]
         leftovers = sorted(
             n
             for n in os.listdir(out)
-            if n not in {f["name"] for f in m["files"]} and n not in ("manifest.json", C.LOCK)
+            if n not in {f["name"] for f in m["files"]} and n not in ("_manifest.json", C.LOCK)
         )
         assert leftovers == []
     assert killed >= 8  # most attempts really interrupted a run
@@ -335,7 +336,7 @@ def test_root_script_defaults_to_embeddings_dirs(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "bq load --source_format=PARQUET --parquet_enable_list_inference=true" in r.stdout
-    m = json.load(open(tmp_path / "embeddings" / "consolidated" / "manifest.json"))
+    m = json.load(open(tmp_path / "embeddings" / "consolidated" / "_manifest.json"))
     assert m["rows"] == 3
 
 
@@ -345,3 +346,68 @@ def test_parse_size():
     assert C.parse_size("1.5 kb") == 1500
     with pytest.raises(ValueError):
         C.parse_size("lots")
+
+
+def test_seed_embed_then_root_script_end_to_end(tmp_path):
+    """embed_tweets.py (TEI test server) → consolidate_embeddings.py → DuckDB, pyarrow, verify, --keep-text."""
+    from tweet_embed.testserver import TEIServer
+
+    inp = tmp_path / "tweets.json"
+    recs = [{"_id": str(1000 + i), "text": f"tweet {i} about topic {i % 7}"} for i in range(120)]
+    recs.insert(50, {"_id": "1003", "text": "the same id again, later"})  # a repeated id, another chunk
+    recs.insert(70, {"_id": "bad", "text": ""})  # rejected by embed
+    inp.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with TEIServer(dim=32, max_client_batch_size=16) as srv:
+        r = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "embed_tweets.py"),
+                "--input-file",
+                str(inp),
+                "--tei-urls",
+                srv.embed_url,
+                "--chunk-size",
+                "40",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert r.returncode == 0, r.stderr
+    shards = C.list_shards(str(tmp_path / "embeddings" / "shards"))
+    shard_rows = sum(pq.read_metadata(p).num_rows for p in shards)
+    assert len(shards) >= 3
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "consolidate_embeddings.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "embeddings" / "consolidated"
+    m = json.load(open(out / "_manifest.json"))
+    assert m["rows"] == shard_rows - m["duplicates"]["rows_dropped"] == 120
+    assert m["metadata"]["backend"] == "tei" and m["dim"] == 32
+    (n, nd, d) = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*), count(DISTINCT id), max(len(embedding)) FROM read_parquet('{out}/*.parquet')"
+        )
+        .fetchone()
+    )
+    assert (n, nd, d) == (120, 120, 32)
+    t = pq.read_table(str(out))
+    assert t.num_rows == 120 and t.schema.field("embedding").type == pa.list_(
+        pa.field("element", pa.float32(), nullable=False)
+    )
+    first = {rec["_id"]: rec["text"] for rec in reversed(recs) if rec["text"]}  # first occurrence wins
+    v = run_cli("verify", str(inp), cwd=str(tmp_path))
+    assert v.returncode == 0, v.stdout + v.stderr
+    k = run_cli(
+        "consolidate", "--out-dir", str(tmp_path / "with-text"), "--keep-text", str(inp), cwd=str(tmp_path)
+    )
+    assert k.returncode == 0, k.stderr
+    tt = pq.read_table(str(tmp_path / "with-text"))
+    assert dict(zip(tt["id"].to_pylist(), tt["text"].to_pylist(), strict=True)) == first

@@ -9,11 +9,12 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_cli
 from test_consolidate import META, write_shards
 from tweet_embed.consolidate import consolidate
 from tweet_embed.parquet import make_table, write_table
 from tweet_embed.search import SearchError, format_hits, search
+
+from conftest import run_cli
 
 CORPUS = {
     "t1": "Watching the football match tonight with friends, what a goal!",

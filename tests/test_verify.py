@@ -7,11 +7,12 @@ import os
 
 import numpy as np
 
-from conftest import run_cli
 from test_consolidate import META, write_shards
 from tweet_embed.consolidate import consolidate
 from tweet_embed.parquet import make_table, write_table
 from tweet_embed.verify import verify
+
+from conftest import run_cli
 
 
 def write_input(path, n: int) -> list[str]:

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="merge shards into BigQuery-ready Parquet files (exactly once)",
         description="Merge the shards of `embed` into files of about --target-size with the "
         "3-level LIST layout BigQuery loads as ARRAY<FLOAT64>; drops duplicate ids "
-        "(first occurrence wins) and writes manifest.json.",
+        "(first occurrence wins) and writes _manifest.json.",
         epilog=CONSOLIDATE_EXAMPLES,
         formatter_class=fmt,
     )
@@ -193,7 +193,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     )
     if res.deleted_shards:
         print(f"deleted {res.deleted_shards} shard(s) after verifying the output", file=out)
-    print(f"manifest: {os.path.join(out_dir, 'manifest.json')}", file=out)
+    print(f"manifest: {os.path.join(out_dir, '_manifest.json')}", file=out)
     print("load into BigQuery (embedding becomes ARRAY<FLOAT64>):", file=out)
     print(f"  {upload_command(out_dir, args.gcs_prefix)}", file=out)
     print(f"  {bq_load_command(m, args.bq_table, args.gcs_prefix)}", file=out)

@@ -11,7 +11,7 @@ Why this shape:
   its last finished file writes byte-identical files and the same manifest as an uninterrupted one.
 - **Crash safety.** Files are written under a hidden ``.embeddings-NNNNN.parquet.partial`` name, fsynced and
   renamed; ``.consolidate/progress.json`` records each finished file (and the stream position after it);
-  ``manifest.json`` is written last, atomically, and marks completion. ``--delete-shards`` deletes inputs only
+  ``_manifest.json`` is written last, atomically, and marks completion. ``--delete-shards`` deletes inputs only
   after the output has been checked against them (checksums, row counts, every shard id present once).
 
 Output layout (what BigQuery's ``--parquet_enable_list_inference`` turns into ``embedding ARRAY<FLOAT64>``)::
@@ -56,7 +56,7 @@ FORMAT = "tweet-embed-consolidated/1"
 OUTPUT_PREFIX = "embeddings-"
 OUTPUT_RE = re.compile(r"^embeddings-\d{5,}\.parquet$")
 SHARD_RE = re.compile(r"^part-.*\.parquet$")
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
 STAGING = ".consolidate"
 LOCK = ".consolidate.lock"
 PROGRESS = "progress.json"
@@ -813,7 +813,11 @@ def consolidate(
         drops_path = os.path.join(staging, DROPS)
         if progress is None or not os.path.exists(drops_path):
             log.info("finding duplicate ids over %d shard(s), %d rows", len(shards), total_rows)
+            t_dd = time.monotonic()
             dd = find_duplicates(shards, drops_path, staging, memory_limit)
+            log.info(
+                "%d duplicate row(s) of %d id(s) to drop (%.1fs)", dd.dropped, dd.ids, time.monotonic() - t_dd
+            )
             progress = {
                 "fingerprint": fp,
                 "dedupe": {"dropped": dd.dropped, "ids": dd.ids, "examples": dd.examples},

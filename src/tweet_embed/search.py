@@ -47,7 +47,7 @@ def find_vectors(out_dir: str | None, shards_dir: str | None) -> tuple[list[str]
         files = list_shards(shards_dir)
     if not files:
         raise SearchError(
-            f"no vectors found: neither {out_dir}/manifest.json nor {shards_dir}/part-*.parquet "
+            f"no vectors found: neither {out_dir}/_manifest.json nor {shards_dir}/part-*.parquet "
             "(run `tweet-embed embed` and `tweet-embed consolidate` first)"
         )
     md = pq.read_schema(files[0]).metadata or {}

@@ -5,7 +5,7 @@ in a temporary on-disk database and spills its joins and aggregates to disk unde
 read by :func:`tweet_embed.records.iter_records`, exactly as ``embed`` reads it, so "valid id" means the same in
 both. Vectors are checked by streaming the ``embedding`` column with pyarrow, one batch at a time.
 
-The target is the consolidated output when ``<out-dir>/manifest.json`` exists, else the shards (before
+The target is the consolidated output when ``<out-dir>/_manifest.json`` exists, else the shards (before
 consolidation; then an id that the input holds twice is reported as duplicated, as it will be until
 ``consolidate`` drops the later copy).
 """
@@ -121,7 +121,7 @@ def _targets(out_dir: str | None, shards_dir: str | None) -> tuple[str, list[str
             return f"shards in {shards_dir} (not consolidated yet)", shards, None
     where = " or ".join(
         d
-        for d in (out_dir and f"{out_dir}/manifest.json", shards_dir and f"{shards_dir}/part-*.parquet")
+        for d in (out_dir and f"{out_dir}/_manifest.json", shards_dir and f"{shards_dir}/part-*.parquet")
         if d
     )
     raise VerifyError(f"nothing to verify: no {where}")
