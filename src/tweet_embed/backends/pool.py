@@ -86,7 +86,10 @@ class EndpointPool:
     def __post_init__(self) -> None:
         if not self.endpoints:
             raise ValueError("no endpoints given")
-        self._cond = asyncio.Condition()
+        # Woken (replaced) whenever capacity frees up. Deliberately no Condition/Lock: the event loop is
+        # single-threaded and pick+reserve has no await, and a lock held by a cancelled waiter (wait_for around
+        # Condition.wait) deadlocked every other request at shutdown.
+        self._wakeup: asyncio.Future[None] | None = None
         self.last_success = time.monotonic()
 
     def _pick(self, n: int) -> Endpoint | None:
@@ -100,26 +103,25 @@ class EndpointPool:
         return min(fits, key=lambda e: (e.outstanding / max(1, e.capacity), e.consecutive_failures))
 
     async def _acquire(self, n: int, deadline: float) -> Endpoint:
-        async with self._cond:
-            while True:
-                ep = self._pick(n)
-                if ep is not None:
-                    ep.outstanding += n
-                    return ep
-                now = time.monotonic()
-                if now >= deadline:
-                    raise self._give_up()
-                resting = [e.rest_until for e in self.endpoints if e.rest_until > now]
-                wait = min([r - now for r in resting] + [1.0, deadline - now])
-                try:
-                    await asyncio.wait_for(self._cond.wait(), timeout=max(0.01, wait))
-                except asyncio.TimeoutError:
-                    pass
+        while True:
+            ep = self._pick(n)
+            if ep is not None:
+                ep.outstanding += n
+                return ep
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._give_up()
+            resting = [e.rest_until for e in self.endpoints if e.rest_until > now]
+            wait = min([r - now for r in resting] + [1.0, deadline - now])
+            if self._wakeup is None or self._wakeup.done():
+                self._wakeup = asyncio.get_running_loop().create_future()
+            # asyncio.wait neither cancels the shared future on timeout nor leaves a task behind
+            await asyncio.wait([self._wakeup], timeout=max(0.01, wait))
 
     async def _release(self, ep: Endpoint, n: int) -> None:
-        async with self._cond:
-            ep.outstanding -= n
-            self._cond.notify_all()
+        ep.outstanding -= n  # synchronous: a cancelled request cannot leak its reservation
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     def _give_up(self) -> BackendError:
         lines = [f"  {e.name}: {e.last_error or 'no error recorded'}" for e in self.endpoints]

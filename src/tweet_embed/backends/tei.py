@@ -40,8 +40,13 @@ class TEIBackend(HTTPBackend):
         models: dict[str, str] = {}
         batch = self.batch_size
         server_batch = None
-        for ep in self.pool.endpoints:
-            info = await self.get_json(self.base_url(ep.url) + "/info")
+        infos = [await self.get_json(self.base_url(ep.url) + "/info") for ep in self.pool.endpoints]
+        if not any(isinstance(i, dict) for i in infos):
+            # No server answered: down, or still loading its model. Wait for one through the pool (backoff up
+            # to --max-retry-time, then an error naming each endpoint and its last error), then ask again.
+            await self.request_vectors(["dimension probe"], self._build(["dimension probe"]), "embed_json")
+            infos = [await self.get_json(self.base_url(ep.url) + "/info") for ep in self.pool.endpoints]
+        for ep, info in zip(self.pool.endpoints, infos, strict=True):
             if isinstance(info, dict):
                 ep.capacity = int(info.get("max_concurrent_requests") or DEFAULT_CONCURRENCY)
                 mcb = info.get("max_client_batch_size")
