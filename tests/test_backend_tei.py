@@ -70,3 +70,30 @@ def test_resuming_a_finished_run_sends_nothing(tmp_path) -> None:
         assert again.chunks_done_now == 0 and again.chunks_skipped == 20 and again.rows == 0
         c = srv.counters
         assert c["requests"] == 0 and c["ok"] == 0, c
+
+
+def test_chunk_vectors_are_freed_without_the_cyclic_gc() -> None:
+    """Peak RSS must not grow with the input: a finished chunk's vectors go as soon as they are dropped."""
+    import gc
+    import weakref
+
+    from tweet_embed.worker import embed_texts
+
+    with TEIServer(dim=DIM, max_client_batch_size=8) as srv:
+        backend = TEIBackend([srv.url], workers=0)
+
+        async def go():
+            info = await backend.start()
+            try:
+                out, refused = await embed_texts(backend, TEXTS[:50], info)
+                return weakref.ref(out), refused
+            finally:
+                await backend.close()
+
+        gc.disable()
+        try:
+            ref, refused = asyncio.run(go())
+            assert not refused
+            assert ref() is None, "the vectors are still held by a reference cycle"
+        finally:
+            gc.enable()

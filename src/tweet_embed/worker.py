@@ -80,6 +80,10 @@ async def embed_texts(
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    finally:
+        # ``run`` refers to itself (the split), so it and its cells (``out``!) form a reference cycle that
+        # only the cyclic GC frees, late: without this, peak RSS grew by a chunk of vectors per chunk.
+        run = None  # type: ignore[assignment]
     return out, refused
 
 
