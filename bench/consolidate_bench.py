@@ -129,6 +129,93 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
     return secs, ru.ru_maxrss * 1024, sampled, tail
 
 
+def scale_ids(args: argparse.Namespace) -> None:
+    """Many ids, tiny vectors: consolidate's dedupe and verify's id checks at ``--scale-ids`` rows, peak RSS."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tweet_embed.parquet import shard_schema
+
+    n, per = args.scale_ids, 1_000_000
+    parent = pick_dir(n * 120, args.dir)
+    work = tempfile.mkdtemp(prefix="consolidate-scale-", dir=parent)
+    shards, out, inp = (os.path.join(work, x) for x in ("shards", "consolidated", "tweets.jsonl"))
+    os.makedirs(shards)
+    dim = 4
+    schema = shard_schema(
+        dim, {"backend": "local", "model": "bench/tiny", "dim": str(dim), "normalize": "true"}
+    )
+    rng = np.random.default_rng(0)
+    t0 = time.monotonic()
+    dups = 0
+    with open(inp, "wb") as fh:
+        for s, lo in enumerate(range(0, n, per)):
+            k = min(per, n - lo)
+            nums = np.arange(lo, lo + k, dtype=np.int64) + 1_600_000_000_000_000_000
+            if lo:  # 0.1 % of rows repeat an earlier id
+                j = rng.choice(k, k // 1000, replace=False)
+                nums[j] = rng.integers(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + lo, len(j))
+                dups += len(j)
+            ids = pc.cast(pa.array(nums), pa.string())
+            vec = pa.FixedSizeListArray.from_arrays(pa.array(rng.random(k * dim, dtype=np.float32)), dim)
+            write_table(
+                pa.Table.from_arrays([ids, vec.cast(schema.field("embedding").type)], schema=schema),
+                os.path.join(shards, f"part-{s // 10_000:04d}-{s:07d}.parquet"),
+            )
+            lines = pc.binary_join_element_wise('{"_id":"', ids, '","text":"t"}', "")
+            fh.write(("\n".join(lines.to_pylist()) + "\n").encode())
+            print(f"  generated {lo + k} ids", file=sys.stderr, flush=True)
+    gen_s = time.monotonic() - t0
+    try:
+        c_s, c_rss, _, c_log = run_measured(
+            [sys.executable, "-m", "tweet_embed", "consolidate", "--shards-dir", shards, "--out-dir", out]
+        )
+        with open(os.path.join(out, "_manifest.json")) as fh:
+            m = json.load(fh)
+        assert m["rows"] == n - dups == m["source"]["rows"] - m["duplicates"]["rows_dropped"], (
+            m["rows"],
+            n,
+            dups,
+        )
+        v_s, v_rss, _, v_log = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "tweet_embed",
+                "verify",
+                inp,
+                "--out-dir",
+                out,
+                "--shards-dir",
+                shards,
+                "--temp-dir",
+                work,
+            ]
+        )
+        record = {
+            "what": "ids at scale: consolidate (dedupe + write) and verify, tiny 4-d vectors",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_end": round(os.getloadavg()[0], 2)},
+            "ids": n,
+            "duplicate_rows": dups,
+            "generate_s": round(gen_s, 1),
+            "consolidate_s": round(c_s, 1),
+            "consolidate_peak_rss_MiB": round(c_rss / 2**20, 1),
+            "verify_s": round(v_s, 1),
+            "verify_peak_rss_MiB": round(v_rss / 2**20, 1),
+            "consolidate_log_tail": c_log.splitlines()[-4:],
+            "verify_log_tail": v_log.splitlines()[-4:],
+        }
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(record, fh, indent=1)
+            fh.write("\n")
+        print(json.dumps(record, indent=1))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=5.2, help="shard bytes to generate")
@@ -140,7 +227,14 @@ def main() -> None:
     )
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "consolidate.json"))
+    ap.add_argument(
+        "--scale-ids", type=int, help="instead: this many ids with tiny vectors (dedupe + verify)"
+    )
     args = ap.parse_args()
+    if args.scale_ids:
+        if args.out.endswith("consolidate.json"):
+            args.out = args.out.replace("consolidate.json", "consolidate_scale.json")
+        return scale_ids(args)
 
     parent = pick_dir(int(args.gb * 1e9 * 3.3), args.dir)
     work = tempfile.mkdtemp(prefix="consolidate-bench-", dir=parent)

@@ -2,8 +2,8 @@
 
 Why DuckDB: 100M ids (a few GB as strings) do not fit a Python set on a laptop-sized machine; DuckDB keeps them
 in a temporary on-disk database and spills its joins and aggregates to disk under ``memory_limit``. The input is
-read by :func:`tweet_embed.records.iter_records`, exactly as ``embed`` reads it, so "valid id" means the same in
-both. Vectors are checked by streaming the ``embedding`` column with pyarrow, one batch at a time.
+read through embed's own chunk plan and parser (``chunks.make_plan``, ``records.parse_lines``; Parquet inputs by
+row range), so "valid id" means the same in both; JSONL chunks are parsed in a process pool. Vectors are checked by streaming the ``embedding`` column with pyarrow, one batch at a time.
 
 The target is the consolidated output when ``<out-dir>/_manifest.json`` exists, else the shards (before
 consolidation; then an id that the input holds twice is reported as duplicated, as it will be until
@@ -12,10 +12,13 @@ consolidation; then an id that the input holds twice is reported as duplicated, 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .chunks import Plan, iter_chunk_bytes, make_plan
 from .consolidate import OUTPUT_RE, duckdb_connect, list_shards, read_manifest, sql_list
 from .parquet import META_PREFIX, file_sha256
-from .records import Reject, iter_records
+from .records import parse_lines
+from .worker import ChunkOptions, read_block
 
 ID_BATCH = 1_000_000
+VERIFY_CHUNK_LINES = 50_000
 
 
 class VerifyError(Exception):
@@ -127,16 +133,67 @@ def _targets(out_dir: str | None, shards_dir: str | None) -> tuple[str, list[str
     raise VerifyError(f"nothing to verify: no {where}")
 
 
-def _load_input_ids(
+def _parse_ids(
+    data: bytes, first_line: int, label: str, id_field: str, text_field: str, examples: int
+) -> tuple[list[str], int, list[str]]:
+    """Parse one JSONL chunk exactly as embed does; only ids and reject counts travel back."""
+    block = parse_lines(data, first_line, label, id_field, text_field)
+    shown = [f"{os.path.basename(r.file)}:{r.line} {r.reason}" for r in block.rejects[:examples]]
+    return block.ids, len(block.rejects), shown
+
+
+def iter_input_ids(
+    plan: Plan, id_field: str, text_field: str, examples: int = 10, workers: int | None = None
+) -> Iterator[tuple[list[str], int, list[str]]]:
+    """``(valid ids, rejects, reject examples)`` per chunk of the input, read through embed's own chunk plan.
+
+    JSONL chunks are parsed in a process pool (parsing is the slow part: ~5 µs a line in Python); the bytes
+    are read once, sequentially, also from .gz/.zst. Parquet inputs are read by row range as embed reads them.
+    """
+    copts = ChunkOptions(id_field=id_field, text_field=text_field)
+    for f in plan.files:
+        if f.damaged:
+            raise VerifyError(f"{f.label}: {f.damaged}")
+    for c in plan.chunks:
+        f = plan.files[c.file_index]
+        if f.kind == "parquet":
+            b = read_block(f, c, copts)
+            yield (
+                b.ids,
+                len(b.rejects),
+                [f"{os.path.basename(r.file)}:{r.line} {r.reason}" for r in b.rejects],
+            )
+    jsonl = [c for c in plan.chunks if plan.files[c.file_index].kind != "parquet"]
+    if not jsonl:
+        return
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1:
+        for c, data in iter_chunk_bytes(plan, jsonl):
+            yield _parse_ids(
+                data, c.first_line, plan.files[c.file_index].label, id_field, text_field, examples
+            )
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        pending: deque[Future[tuple[list[str], int, list[str]]]] = deque()
+        for c, data in iter_chunk_bytes(plan, jsonl):
+            label = plan.files[c.file_index].label
+            pending.append(ex.submit(_parse_ids, data, c.first_line, label, id_field, text_field, examples))
+            if len(pending) > workers + 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _load_input_ids(  # type: ignore[no-untyped-def]
     con,
-    inputs: Sequence[str],
+    plan: Plan,
     id_field: str,
     text_field: str,
-    report: VerifyReport,  # type: ignore[no-untyped-def]
+    report: VerifyReport,
     examples: int,
+    workers: int | None,
 ) -> None:
     con.execute("CREATE TABLE input_raw (id VARCHAR)")
-    rejects: list[Reject] = []
     buf: list[str] = []
 
     def flush() -> None:
@@ -147,22 +204,12 @@ def _load_input_ids(
             report.input_lines_valid += len(buf)
             buf.clear()
 
-    for path in inputs:
-        for rid, _text in iter_records(path, id_field, text_field, rejects):
-            buf.append(rid)
-            if len(buf) >= ID_BATCH:
-                flush()
-            if rejects:
-                for r in rejects:
-                    if len(report.reject_examples) < examples:
-                        report.reject_examples.append(f"{os.path.basename(r.file)}:{r.line} {r.reason}")
-                report.rejects += len(rejects)
-                rejects.clear()
-        report.rejects += len(rejects)
-        for r in rejects:
-            if len(report.reject_examples) < examples:
-                report.reject_examples.append(f"{os.path.basename(r.file)}:{r.line} {r.reason}")
-        rejects.clear()
+    for ids, n_rejects, shown in iter_input_ids(plan, id_field, text_field, examples, workers):
+        buf.extend(ids)
+        report.rejects += n_rejects
+        report.reject_examples.extend(shown[: max(0, examples - len(report.reject_examples))])
+        if len(buf) >= ID_BATCH:
+            flush()
     flush()
 
 
@@ -211,12 +258,10 @@ def verify(
     checksums: bool = True,
     memory_limit: str = "1GB",
     temp_dir: str | None = None,
+    workers: int | None = None,
 ) -> VerifyReport:
     """Check the output (or shards) against the input; see the module doc."""
-    from .records import check_input_path
-
-    for p in inputs:
-        check_input_path(p)
+    plan = make_plan(list(inputs), chunk_lines=VERIFY_CHUNK_LINES)  # validates the inputs first
     target, files, manifest = _targets(out_dir, shards_dir)
     report = VerifyReport(target=target, files=len(files))
 
@@ -261,7 +306,7 @@ def verify(
     try:
         con = duckdb_connect(os.path.join(tmp, "spill"), memory_limit, path=os.path.join(tmp, "ids.duckdb"))
         try:
-            _load_input_ids(con, inputs, id_field, text_field, report, examples)
+            _load_input_ids(con, plan, id_field, text_field, report, examples, workers)
             con.execute("CREATE TABLE in_ids AS SELECT DISTINCT id FROM input_raw")
             (report.input_ids,) = con.execute("SELECT count(*) FROM in_ids").fetchone()  # type: ignore[misc]
             (report.input_repeated_ids,) = con.execute(
