@@ -175,7 +175,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         log.error("%s\nfinished chunks are kept; re-run the same command to resume", exc)
         return EXIT_BACKEND
     except OSError as exc:
-        log.error("%s\nfinished chunks are kept; re-run the same command to resume", exc)
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            d = opts.dirs
+            log.error("disk full: %s\n  staging: %s\n  shards: %s\n  progress: %s\nno partial shard was "
+                      "published; free space and re-run the same command to resume (finished chunks are kept)",
+                      exc, d.tmp, d.shards, d.progress)
+        else:
+            log.error("%s\nfinished chunks are kept; re-run the same command to resume", exc)
         return EXIT_ERROR
     print(summary.text(), file=sys.stderr)
     for err in summary.errors:
