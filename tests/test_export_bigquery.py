@@ -259,6 +259,40 @@ def test_fake_resume_reopens_each_stream_at_its_offset(tmp_path):
 
 
 @needs_bq
+def test_fake_ctrl_c_commits_what_was_written_and_stops_the_readers(tmp_path, monkeypatch):
+    import threading
+
+    from tweet_embed.export import bigquery as B
+
+    streams = make_streams(3, 5, 40)
+    out = str(tmp_path / "bq.jsonl.zst")
+    real = B.batch_to_lines
+    calls = {"n": 0}
+
+    def interrupting(ids, texts):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(ids, texts)
+
+    monkeypatch.setattr(B, "batch_to_lines", interrupting)
+    reader = FakeReadClient(streams)
+    with pytest.raises(KeyboardInterrupt):
+        B.export_bigquery(out, table="p.d.t", bq_client=FakeBQ(), read_client=reader, show_progress=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith("bq-stream-")]
+    state = orjson.loads(open(state_path(out), "rb").read())
+    assert sum(state["cursor"]["offsets"]) == 5 * 40  # the five batches written before Ctrl-C
+    monkeypatch.setattr(B, "batch_to_lines", real)
+    B.export_bigquery(out, table="p.d.t", bq_client=FakeBQ(), read_client=reader, show_progress=False)
+    import zstandard
+
+    with open(out, "rb") as fh:
+        data = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
+    got = [orjson.loads(x)["_id"] for x in data.splitlines()]
+    assert sorted(got) == expected_ids(streams) and len(got) == len(set(got))
+
+
+@needs_bq
 def test_fake_expired_session_says_restart(tmp_path):
     from tweet_embed.export.bigquery import export_bigquery
 

@@ -165,9 +165,20 @@ _END = object()
 
 
 def _read_stream(
-    read_client: Any, name: str, offset: int, schema: Any, idx: int, out: queue.Queue, stop: threading.Event
+    read_client: Any,
+    name: str,
+    offset: int,
+    schema: Any,
+    idx: int,
+    out: queue.Queue,
+    stop: threading.Event,
+    live: dict[int, Any],
 ) -> None:
-    """Thread body: decode a stream's Arrow batches into ``out`` as ``(idx, batch | _END | exception)``."""
+    """Thread body: decode a stream's Arrow batches into ``out`` as ``(idx, batch | _END | exception)``.
+
+    The open stream is left in ``live`` so that the main thread can cancel it when it stops early (a thread
+    waiting for the server's next message would otherwise not notice ``stop``).
+    """
     import pyarrow as pa
 
     def put(item: Any) -> bool:
@@ -179,28 +190,35 @@ def _read_stream(
                 continue
         return False
 
-    stream = None
     try:
         stream = read_client.read_rows(name, offset=offset)
+        live[idx] = stream
+        if stop.is_set():
+            return
         for resp in stream:
             if stop.is_set():
-                break
+                return
             payload = resp.arrow_record_batch.serialized_record_batch
             if not payload:
                 continue
             batch = pa.ipc.read_record_batch(pa.py_buffer(payload), schema)
             if not put((idx, batch)):
-                break
-        else:
-            put((idx, _END))
+                return
+        put((idx, _END))
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-        put((idx, exc))
+        if not stop.is_set():
+            put((idx, exc))
     finally:
+        live.pop(idx, None)
+
+
+def _cancel_all(live: dict[int, Any]) -> None:
+    for stream in list(live.values()):
         cancel = getattr(stream, "cancel", None)
-        if stop.is_set() and cancel is not None:
+        if cancel is not None:
             try:
                 cancel()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
 
 
@@ -407,10 +425,11 @@ def _pump(
     todo = [i for i, d in enumerate(done) if not d]
     q: queue.Queue = queue.Queue(maxsize=2 * max(1, len(todo)))
     stop = threading.Event()
+    live: dict[int, Any] = {}
     threads = [
         threading.Thread(
             target=_read_stream,
-            args=(read_client, names[i], offsets[i], schema, i, q, stop),
+            args=(read_client, names[i], offsets[i], schema, i, q, stop, live),
             name=f"bq-stream-{i}",
             daemon=True,
         )
@@ -454,6 +473,7 @@ def _pump(
                     writer.commit(writer.position)
     finally:
         stop.set()
+        _cancel_all(live)
         for t in threads:
             t.join(timeout=5)
 
