@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -122,9 +122,17 @@ def parse_line(raw: bytes, id_field: str = "_id", text_field: str = "text") -> t
         return f"not a JSON object (a {type(obj).__name__})"
     if id_field not in obj:
         return f"missing id field {id_field!r}"
-    rid = normalise_id(obj[id_field])
+    value = obj[id_field]
+    if isinstance(value, float):  # orjson reads integers beyond 64 bits as floats; the stdlib keeps them exact
+        try:
+            exact = json.loads(raw)
+        except (ValueError, RecursionError):
+            exact = None
+        if isinstance(exact, dict):
+            value = exact.get(id_field, value)
+    rid = normalise_id(value)
     if rid is None:
-        return f"invalid id {_short_repr(obj[id_field])}"
+        return f"invalid id {_short_repr(value)}"
     if text_field not in obj:
         return f"missing text field {text_field!r}"
     text = obj[text_field]
@@ -171,11 +179,66 @@ def open_binary(path: str) -> BinaryIO:
     if lower.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if lower.endswith((".zst", ".zstd")):
+        return zstd_reader(open(path, "rb"))  # noqa: SIM115 - closed with the reader
+    return open(path, "rb")  # noqa: SIM115
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Every frame of a zstd stream, and an ``EOFError`` when the stream ends inside a frame.
+
+    Why not ``ZstdDecompressor().stream_reader``: at a truncated end it simply stops, so a cut-off ``.zst``
+    read as a shorter, valid-looking file (gzip raises ``EOFError`` there; this does the same).
+    """
+
+    def __init__(self, raw: BinaryIO, read_size: int = 1 << 17) -> None:
         import zstandard
 
-        fh = open(path, "rb")  # noqa: SIM115 - handed to the reader, closed with it
-        return zstandard.ZstdDecompressor().stream_reader(fh, closefd=True)  # type: ignore[return-value]
-    return open(path, "rb")  # noqa: SIM115
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False  # the current frame has started and not ended
+        self._pending = bytearray()
+        self._read_size = read_size
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self, data: bytes) -> None:
+        while data:
+            self._pending += self._obj.decompress(data)
+            if self._obj.eof:
+                data = self._obj.unused_data
+                self._obj = self._dctx.decompressobj()
+                self._in_frame = False
+            else:
+                self._in_frame = True
+                data = b""
+
+    def readinto(self, b: Any) -> int:
+        while not self._pending and not self._done:
+            data = self._raw.read(self._read_size)
+            if not data:
+                self._done = True
+                if self._in_frame:
+                    raise EOFError("zstd stream ended before the end of its frame (truncated file)")
+                break
+            self._feed(data)
+        n = min(len(b), len(self._pending))
+        b[:n] = self._pending[:n]
+        del self._pending[:n]
+        return n
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+
+def zstd_reader(raw: BinaryIO) -> BinaryIO:
+    """A buffered reader of the decompressed bytes of a zstd stream (all frames; truncation raises)."""
+    return io.BufferedReader(_ZstdRaw(raw), 1 << 20)  # type: ignore[return-value]
 
 
 def is_compressed(path: str) -> bool:

@@ -192,9 +192,9 @@ def open_input(path: str) -> BinaryIO:
     raw = fs.open_input_stream(inner, compression=None, buffer_size=8 << 20)
     if lower.endswith(".gz"):
         return _GzipOwner(raw)  # type: ignore[return-value]
-    import zstandard
+    from .records import zstd_reader  # strict: a truncated .zst raises, as a truncated .gz does
 
-    return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)  # type: ignore[no-any-return]
+    return zstd_reader(raw)
 
 
 def read_bytes(path: str) -> bytes | None:
