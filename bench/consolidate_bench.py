@@ -96,8 +96,14 @@ def dir_bytes(d: str) -> int:
     return sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d))
 
 
+CPU_SECONDS: dict[str, float] = {}
+
+
 def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
-    """Run ``cmd``; return (seconds, peak RSS bytes from wait4, max sampled RSS bytes, stderr tail)."""
+    """Run ``cmd``; return (seconds, peak RSS bytes from wait4, max sampled RSS bytes, stderr tail).
+
+    The child's user+system CPU seconds go to ``CPU_SECONDS[cmd[0] basename + first arg]`` (load-independent).
+    """
     t0 = time.monotonic()
     err = tempfile.TemporaryFile()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
@@ -120,6 +126,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
     th.start()
     _, status, ru = os.wait4(p.pid, 0)
     secs = time.monotonic() - t0
+    CPU_SECONDS["last"] = ru.ru_utime + ru.ru_stime
     stop.set()
     th.join()
     err.seek(0)
@@ -152,9 +159,9 @@ def scale_ids(args: argparse.Namespace) -> None:
         for s, lo in enumerate(range(0, n, per)):
             k = min(per, n - lo)
             nums = np.arange(lo, lo + k, dtype=np.int64) + 1_600_000_000_000_000_000
-            if lo:  # 0.1 % of rows repeat an earlier id
+            if lo:  # 0.1 % of rows repeat an id of the first shard (never replaced, so always there)
                 j = rng.choice(k, k // 1000, replace=False)
-                nums[j] = rng.integers(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + lo, len(j))
+                nums[j] = rng.integers(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + per, len(j))
                 dups += len(j)
             ids = pc.cast(pa.array(nums), pa.string())
             vec = pa.FixedSizeListArray.from_arrays(pa.array(rng.random(k * dim, dtype=np.float32)), dim)
@@ -170,6 +177,7 @@ def scale_ids(args: argparse.Namespace) -> None:
         c_s, c_rss, _, c_log = run_measured(
             [sys.executable, "-m", "tweet_embed", "consolidate", "--shards-dir", shards, "--out-dir", out]
         )
+        c_cpu = CPU_SECONDS["last"]
         with open(os.path.join(out, "_manifest.json")) as fh:
             m = json.load(fh)
         assert m["rows"] == n - dups == m["source"]["rows"] - m["duplicates"]["rows_dropped"], (
@@ -200,8 +208,10 @@ def scale_ids(args: argparse.Namespace) -> None:
             "duplicate_rows": dups,
             "generate_s": round(gen_s, 1),
             "consolidate_s": round(c_s, 1),
+            "consolidate_cpu_s": round(c_cpu, 1),
             "consolidate_peak_rss_MiB": round(c_rss / 2**20, 1),
             "verify_s": round(v_s, 1),
+            "verify_cpu_s": round(CPU_SECONDS["last"], 1),
             "verify_peak_rss_MiB": round(v_rss / 2**20, 1),
             "consolidate_log_tail": c_log.splitlines()[-4:],
             "verify_log_tail": v_log.splitlines()[-4:],
@@ -261,6 +271,7 @@ def main() -> None:
             args.target_size,
         ]
         c_s, c_rss, c_sampled, c_log = run_measured(cmd)
+        c_cpu = CPU_SECONDS["last"]
         with open(os.path.join(out, "_manifest.json")) as fh:
             manifest = json.load(fh)
         assert manifest["rows"] == rows - dups, (manifest["rows"], rows, dups)
@@ -290,6 +301,8 @@ def main() -> None:
             "row_groups": sum(f["row_groups"] for f in manifest["files"]),
             "generate_s": round(gen_s, 1),
             "consolidate_s": round(c_s, 1),
+            "consolidate_cpu_s": round(c_cpu, 1),
+            "consolidate_MB_per_cpu_s": round(nbytes / 1e6 / c_cpu, 1),
             "consolidate_MBps": round(nbytes / 1e6 / c_s, 1),
             "consolidate_peak_rss_MiB": round(c_rss / 2**20, 1),
             "consolidate_sampled_rss_MiB": round(c_sampled / 2**20, 1),
