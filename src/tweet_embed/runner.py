@@ -124,6 +124,15 @@ def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterat
             yield chunk, parse_lines(data, chunk.first_line, f.label, opts.id_field, opts.text_field)
 
 
+def check_columns(plan: Plan, opts: EmbedOptions) -> None:
+    """Parquet input: fail at once, naming the columns present, when the id or text column is missing."""
+    from .parquet_input import check_parquet_columns
+
+    for f in plan.files:
+        if f.kind == "parquet":
+            check_parquet_columns(f.path, opts.id_field, opts.text_field)
+
+
 def merge_rejects(dirs: WorkDirs, plan: Plan) -> str | None:
     """Rebuild ``rejects.jsonl`` from the per-chunk files, in input order (identical after any resume)."""
     present = set(storage.list_names(os.path.join(dirs.progress, REJECTS_DIR)))
@@ -158,6 +167,8 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         markers = done_markers(dirs)
         done = finished_chunks(dirs, plan, markers)
         pending = [c for c in plan.chunks if c.name not in done]
+        if pending:
+            check_columns(plan, opts)  # before a model loads for minutes
         if opts.max_chunks is not None:
             pending = pending[: opts.max_chunks]
         summary.chunks_total = len(plan.chunks)
