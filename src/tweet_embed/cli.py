@@ -73,6 +73,9 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
                    help="stop when no server has answered for this many seconds")
     g.add_argument("--api-key-file", help="read the API key from this file (mode 600); default: "
                                           "$TWEET_EMBED_API_KEY or $OPENAI_API_KEY")
+    # Never a key on the command line (ps, shell history): without this, argparse would take "--api-key K" as
+    # an abbreviation of --api-key-file and print K in its "file not found" error.
+    g.add_argument("--api-key", dest="api_key_argv", metavar="KEY", help=argparse.SUPPRESS)
     g.add_argument("--insecure", action="store_true", help="do not verify HTTPS certificates")
     g.add_argument("--device", help="local model device (cpu, cuda, cuda:1); default: CUDA if present")
     g.add_argument("--devices", help="several GPUs on this machine, one worker process each: 'all' or "
@@ -118,6 +121,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not inputs:
         log.error("no input given: tweet-embed embed FILE [FILE...] (see --help)")
         return EXIT_USAGE
+    if args.api_key_argv is not None:
+        log.error("an API key is not taken on the command line (it would show in ps and shell history): "
+                  "set TWEET_EMBED_API_KEY, or put it in a file only you can read and give --api-key-file")
+        return EXIT_USAGE
     if args.insecure:
         log.warning("--insecure: HTTPS certificates are NOT verified")
     try:
@@ -160,7 +167,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from .engines.ray import RayOptions
 
         opts.ray = RayOptions(address=args.ray_address, cpus_per_task=args.ray_cpus_per_task)
-    urls = [redact_url(u) for u in (args.tei_urls or []) + (args.openai_urls or [])]
+    urls = [redact_url(u.strip()) for v in (args.tei_urls or []) + (args.openai_urls or []) for u in v.split(",")
+            if u.strip()]  # split first: only the first URL of "a,b" would be redacted otherwise
     log.info("tweet-embed %s: %d input file(s) → %s (%s)", __version__, len(inputs), opts.dirs.shards,
              ", ".join(urls) if urls else "in-process model")
     try:

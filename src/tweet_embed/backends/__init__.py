@@ -109,6 +109,12 @@ class BackendSpec:
     device: str | None = None
     workers: int | None = None  # response-decoding processes of HTTP backends (None: one thread)
 
+    def __repr__(self) -> str:  # URLs redacted, no key: safe in log lines, tracebacks and Ray task errors
+        from .pool import redact_url
+
+        urls = [redact_url(u) for u in split_urls(self.urls) + split_urls(self.openai_urls)]
+        return f"BackendSpec(urls={urls}, model={self.model!r}, device={self.device!r})"
+
     @property
     def is_local(self) -> bool:
         return not split_urls(self.urls) and not split_urls(self.openai_urls)
