@@ -321,6 +321,37 @@ class DropList:
 # ------------------------------------------------------------------------------------------------ text join
 
 
+def iter_input_records(
+    inputs: Sequence[str], id_field: str = "_id", text_field: str = "text", chunk_lines: int = 50_000
+) -> Iterator[tuple[str, str]]:
+    """The valid ``(id, text)`` records of the inputs, in order, read exactly as ``embed`` reads them.
+
+    Same chunk plan, same parser, same input kinds (JSONL plain/.gz/.zst, Parquet files, directories, globs).
+    """
+    from .chunks import iter_chunk_bytes, make_plan
+    from .records import parse_lines
+    from .worker import ChunkOptions, read_block
+
+    plan = make_plan(list(inputs), chunk_lines=chunk_lines)
+    copts = ChunkOptions(id_field=id_field, text_field=text_field)
+    chunks = plan.chunks
+    i = 0
+    while i < len(chunks):  # runs of one kind, in plan order (as the embed run loop reads them)
+        parquet = plan.files[chunks[i].file_index].kind == "parquet"
+        j = i
+        while j < len(chunks) and (plan.files[chunks[j].file_index].kind == "parquet") == parquet:
+            j += 1
+        if parquet:
+            for c in chunks[i:j]:
+                b = read_block(plan.files[c.file_index], c, copts)
+                yield from zip(b.ids, b.texts, strict=True)
+        else:
+            for c, data in iter_chunk_bytes(plan, chunks[i:j]):
+                b = parse_lines(data, c.first_line, plan.files[c.file_index].label, id_field, text_field)
+                yield from zip(b.ids, b.texts, strict=True)
+        i = j
+
+
 class TextJoiner:
     """Joins input text back in by id, as a merge: shards are in input order, so one forward pass suffices.
 
@@ -328,10 +359,8 @@ class TextJoiner:
     """
 
     def __init__(self, inputs: Sequence[str], id_field: str, text_field: str) -> None:
-        from .records import iter_records
-
         self.inputs = list(inputs)
-        self._it = (rec for p in inputs for rec in iter_records(p, id_field, text_field))
+        self._it = iter_input_records(inputs, id_field, text_field)
 
     def texts_for(self, ids: Sequence[str]) -> list[str]:
         out = []

@@ -108,15 +108,14 @@ def backend_embed_fn(
 
 
 def _texts(inputs: Sequence[str], ids: set[str], id_field: str, text_field: str) -> dict[str, str]:
-    from .records import iter_records
+    from .consolidate import iter_input_records
 
     found: dict[str, str] = {}
-    for p in inputs:
-        for rid, text in iter_records(p, id_field, text_field):
-            if rid in ids and rid not in found:
-                found[rid] = text
-                if len(found) == len(ids):
-                    return found
+    for rid, text in iter_input_records(inputs, id_field, text_field):
+        if rid in ids and rid not in found:
+            found[rid] = text
+            if len(found) == len(ids):
+                return found
     return found
 
 
