@@ -40,7 +40,7 @@ CASES: list[tuple[bytes, tuple[str, ...]]] = [
     (b'{"_id": "x", "text": "unterminated}', ("rejected", "malformed JSON")),
     (b'["an", "array"]', ("rejected", "not a JSON object (a list)")),
     (b'"just a string"', ("rejected", "not a JSON object (a str)")),
-    (b"[" * 5000 + b"]" * 5000, ("rejected", "")),  # nested too deeply: some reject, never a crash
+    (b"[" * 5000 + b"]" * 5000, ("rejected", "malformed JSON: nested too deeply")),
     (b'{"text": "no id"}', ("rejected", "missing id field '_id'")),
     (b'{"_id": null, "text": "null id"}', ("rejected", "invalid id None")),
     (b'{"_id": "", "text": "empty id"}', ("rejected", "invalid id ''")),
@@ -237,3 +237,12 @@ def test_empty_and_blank_only_files_embed_nothing_and_succeed(tmp_path, server) 
     ids, _ = read_shards(sorted(glob.glob(str(tmp_path / "w" / "shards" / "*.parquet"))))
     assert ids == []
     assert "Rejected: 0 lines" in r.stderr
+
+
+def test_the_same_file_given_twice_is_a_clear_error(tmp_path, server) -> None:
+    f = tmp_path / "t.jsonl"
+    f.write_bytes(b'{"_id": "1", "text": "hello"}\n')
+    r = run_cli("embed", str(f), str(f), "--tei-urls", server.embed_url, "--work-dir", str(tmp_path / "w"))
+    assert r.returncode == 1
+    assert f"input given twice: {f}" in r.stderr
+    assert not glob.glob(str(tmp_path / "w" / "shards" / "*.parquet"))
