@@ -411,3 +411,13 @@ def test_seed_embed_then_root_script_end_to_end(tmp_path):
     assert k.returncode == 0, k.stderr
     tt = pq.read_table(str(tmp_path / "with-text"))
     assert dict(zip(tt["id"].to_pylist(), tt["text"].to_pylist(), strict=True)) == first
+
+
+def test_keep_text_from_parquet_input(tmp_path):
+    inp = tmp_path / "export.parquet"
+    pq.write_table(pa.table({"_id": ["p1", "p2", "p3"], "text": ["alpha", "beta", "gamma"]}), str(inp))
+    shards = str(tmp_path / "shards")
+    write_shards(shards, [["p1"], ["p2", "p3"]])
+    C.consolidate(shards, str(tmp_path / "out"), keep_text=[str(inp)])
+    t = read_out(str(tmp_path / "out"))
+    assert t.column("text").to_pylist() == ["alpha", "beta", "gamma"]
