@@ -117,15 +117,22 @@ def test_plan_batches_cover_everything_within_budget(seed):
     for (s, e, length), nxt in zip(batches, batches[1:] + [(0, 0, -1)], strict=True):
         if nxt[2] == length:
             assert e - s == rows_for(length, budget, max_rows)
-    # few shapes: rounded row counts give at most 8 (+ the full one) per padded length
-    shapes = {(shape_rows(e - s, length, budget, max_rows), length) for s, e, length in batches}
-    for length in {length for _, _, length in batches}:
-        per_len = [r for r, ln in shapes if ln == length]
-        assert len(per_len) <= 9
-        assert all(r <= max(rows_for(length, budget, max_rows), 8) for r in per_len)
     for s, e, length in batches:
         assert shape_rows(e - s, length, budget, max_rows) >= e - s
     assert plan_batches(np.array([], dtype=np.int64), budget, max_rows, mult, 256) == []
+
+
+@pytest.mark.parametrize("length", [16, 48, 256])
+def test_shape_rows_few_shapes_little_waste(length):
+    budget, max_rows = 1 << 18, 8192
+    full = rows_for(length, budget, max_rows)
+    shapes = {shape_rows(r, length, budget, max_rows) for r in range(1, full + 1)}
+    assert full in shapes and len(shapes) <= 8 * full.bit_length()  # eight per power of two
+    for r in range(1, full + 1):
+        got = shape_rows(r, length, budget, max_rows)
+        assert r <= got <= full
+        assert got - r < max(8, r // 8 + 1)  # at most an eighth more rows (or 8)
+    assert shape_rows(full + 5, length, budget, max_rows) == full + 5  # never shrinks a batch
 
 
 def test_pad_rows_gathers_ids():
@@ -196,6 +203,21 @@ def test_small_token_budget_splits_but_same_vectors(minilm):
     assert st["batches"] > 4 and st["texts"] == 20
     assert st["padded_tokens"] >= st["tokens"]
     assert np.allclose(out, ref, atol=1e-5)
+
+
+def test_tokenizer_processes_give_the_same_ids_and_vectors(minilm):
+    backend, _ = minilm
+    texts = [f"{t} #{i}" for i, t in enumerate(TWEETS * 9)]  # 630 texts: split across the processes
+    pooled = LocalBackend(device="cpu", tokenizer_workers=2)
+    try:
+        run(pooled.start())
+        assert pooled.stats()["tokenizer_workers"] == 2 and pooled._pool is not None
+        for got, want in zip(pooled.tokenize(texts), backend.tokenize(texts), strict=True):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+        assert np.allclose(run(pooled.embed(texts)), run(backend.embed(texts)), atol=1e-5)
+    finally:
+        run(pooled.close())
+    assert pooled._pool is None
 
 
 def test_normalize_false_gives_raw_mean_pooling():

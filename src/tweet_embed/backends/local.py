@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import re
 import threading
@@ -38,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from tweet_embed.backends.base import Backend, BackendError, BackendInfo, check_vectors
+
+log = logging.getLogger("tweet_embed")
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_ALIASES = frozenset({"all-MiniLM-L6-v2", MINILM_ID, "all-minilm-l6-v2"})
@@ -132,14 +135,17 @@ def plan_batches(
 
 
 def shape_rows(rows: int, length: int, token_budget: int, max_rows: int, steps: int = 8) -> int:
-    """Rows to actually run for a batch: partial batches rounded up to 1/steps of a full one.
+    """Rows to actually run for a batch: a partial batch rounded up by at most 1/steps of its size.
 
     Why: every new (rows, length) shape is slow the first time it runs (kernel choice, allocator growth);
-    rounding keeps at most ``steps`` shapes per padded length, at the cost of a few dummy rows.
+    rounding to ``steps`` values per power of two keeps the set of shapes small at the cost of a few dummy
+    rows (at most 12.5%, never more than a full batch).
     """
     full = rows_for(length, token_budget, max_rows)
-    quantum = max(8, full // steps)
-    return min(max(full, rows), -(-rows // quantum) * quantum)
+    if rows >= full:
+        return rows
+    quantum = max(8, (1 << (int(rows).bit_length() - 1)) // steps)
+    return min(full, -(-rows // quantum) * quantum)
 
 
 def pad_rows(
@@ -157,6 +163,46 @@ def pad_rows(
     out = np.zeros((total_rows or len(rows), length), dtype=np.int32)
     out[: len(rows)][mask] = flat[(offsets[rows][:, None] + cols[None, :])[mask]]
     return out
+
+
+MIN_PIECE = 256  # texts per tokenizer-process task: below this the IPC costs more than it saves
+_WORKER_TOK: Any = None
+
+
+def encode_ids(tok: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize with a ``tokenizers.Tokenizer``: flat int32 ids and int64 lengths (no Encoding kept)."""
+    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+    ids = [e.ids for e in encode(list(texts), add_special_tokens=True)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _tok_init(path: str, max_len: int) -> None:
+    """Tokenizer worker process set-up: one single-threaded tokenizer (the processes are the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    global _WORKER_TOK
+    _WORKER_TOK = Tokenizer.from_file(path)
+    _WORKER_TOK.no_padding()
+    _WORKER_TOK.enable_truncation(max_length=max_len)
+
+
+def _tok_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_ids(_WORKER_TOK, texts)
+
+
+def default_tokenizer_workers(cuda: bool) -> int:
+    """Tokenizer processes: on a GPU the tokenizer is the CPU-side limit, and the GIL caps one process's
+    share (turning Encodings into ids is Python), so several processes; on CPU the model is the limit."""
+    env = os.environ.get("TWEET_EMBED_TOKENIZER_WORKERS")
+    if env is not None:
+        return max(0, int(env))
+    if not cuda:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(12, cores - 4))
 
 
 def minilm_dir() -> Path:
@@ -223,6 +269,7 @@ class LocalBackend(Backend):
         token_budget: int | None = None,
         warmup: bool = True,
         threads: int | None = None,
+        tokenizer_workers: int | None = None,
     ) -> None:
         self.model_spec = model
         self.device_spec = device
@@ -232,6 +279,9 @@ class LocalBackend(Backend):
         self.token_budget = token_budget
         self.warmup = warmup
         self.threads = threads
+        self.tokenizer_workers = tokenizer_workers
+        self._pool: Any = None  # ProcessPoolExecutor of tokenizer workers, or None: tokenize in the thread
+        self._tok_path = ""
         self.info: BackendInfo | None = None
         self._lock = threading.Lock()  # one call at a time on the device; the other one tokenizes meanwhile
         self._stats = {
@@ -244,6 +294,10 @@ class LocalBackend(Backend):
             "device_ms": 0,
             "warmup_ms": 0,
             "load_ms": 0,
+            "launch_ms": 0,
+            "wait_ms": 0,
+            "gpu_ms": 0,
+            "tokenizer_workers": 0,
         }
         self._stats_lock = threading.Lock()
         # filled by _load
@@ -327,6 +381,11 @@ class LocalBackend(Backend):
         self._stats["load_ms"] = int((time.perf_counter() - t0) * 1000)
         if self._model is not None:
             self._check_mask4d()
+            workers = self.tokenizer_workers
+            if workers is None:
+                workers = default_tokenizer_workers(self._cuda)
+            if workers > 0:
+                self._start_pool(workers)
         if self._cuda and self.warmup and self._model is not None:
             self._warm_up()
         # extra goes into every shard's metadata: only what is the same on every device of a run
@@ -366,7 +425,8 @@ class LocalBackend(Backend):
             from tokenizers import Tokenizer
         except ImportError as e:
             raise BackendError(f"the local backend needs tokenizers: {INSTALL_HINT}") from e
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self._tok_path = str(path / "tokenizer.json")
+        tok = Tokenizer.from_file(self._tok_path)
         tok.no_padding()
         tok.enable_truncation(max_length=max_len)
         return tok
@@ -459,6 +519,25 @@ class LocalBackend(Backend):
         get_dim: Any = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
         self._dim = int(get_dim())
 
+    def _start_pool(self, workers: int) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        try:
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_tok_init,
+                initargs=(self._tok_path, self._max_len),
+            )
+            # start every worker now (interpreter start, imports), not inside the first call
+            list(pool.map(_tok_encode, [["warm up"]] * (2 * workers)))
+        except Exception as exc:  # noqa: BLE001 - e.g. inside a daemonic process: tokenize in threads
+            log.warning("tokenizer processes unavailable (%s); tokenizing in this process", exc)
+            return
+        self._pool = pool
+        self._stats["tokenizer_workers"] = workers
+
     def _warm_up(self) -> None:
         """Run every padded length once at full batch size, so no timed batch meets a cold shape."""
         torch = self._torch
@@ -498,13 +577,29 @@ class LocalBackend(Backend):
         return pooled
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Encode in parallel (Rust threads, GIL released): flat int32 ids, offsets and lengths per text."""
-        encode = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
-        encs = encode(list(texts), add_special_tokens=True)
-        ids = [e.ids for e in encs]
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-        offsets = np.zeros(len(ids), dtype=np.int64)
+        """Flat int32 ids, offsets and lengths per text.
+
+        In the tokenizer processes when there are any (split into pieces, one per process), else here with the
+        Rust tokenizer's own threads (GIL released while encoding, held while turning Encodings into ids).
+        """
+        texts = texts if isinstance(texts, list) else list(texts)
+        n = len(texts)
+        pool = self._pool
+        flat = lengths = None
+        if pool is not None and n >= 2 * MIN_PIECE:
+            pieces = min(self._stats["tokenizer_workers"], n // MIN_PIECE)
+            step = -(-n // pieces)
+            try:
+                parts = list(pool.map(_tok_encode, [texts[i : i + step] for i in range(0, n, step)]))
+                flat = np.concatenate([p[0] for p in parts])
+                lengths = np.concatenate([p[1] for p in parts])
+            except Exception as exc:  # noqa: BLE001 - a dead worker: carry on in this process
+                log.warning("tokenizer processes failed (%s); tokenizing in this process from now on", exc)
+                self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+        if flat is None or lengths is None:
+            flat, lengths = encode_ids(self._tok, texts)
+        offsets = np.zeros(n, dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
         return flat, offsets, lengths
 
@@ -536,6 +631,8 @@ class LocalBackend(Backend):
         with self._lock, torch.inference_mode():
             if self._cuda:
                 with torch.cuda.device(self._device):
+                    began = torch.cuda.Event(enable_timing=True)
+                    began.record()
                     host = torch.empty((n, self._dim), dtype=torch.float32, pin_memory=True)
                     for s, e, length in batches:
                         rows = order[s:e]
@@ -550,7 +647,7 @@ class LocalBackend(Backend):
                             ids.to(self._device, non_blocking=True), lens.to(self._device, non_blocking=True)
                         )
                         host[s:e].copy_(out[: e - s], non_blocking=True)
-                    done = torch.cuda.Event()
+                    done = torch.cuda.Event(enable_timing=True)
                     done.record()
             else:
                 host = torch.empty((n, self._dim), dtype=torch.float32)
@@ -560,8 +657,12 @@ class LocalBackend(Backend):
                     lens = torch.from_numpy(lengths[rows].astype(np.int32))
                     host[s:e] = self._forward(ids, lens)
                 done = None
+        t_launched = time.perf_counter()
+        gpu_ms = 0.0
         if done is not None:
             done.synchronize()  # outside the lock: the next call may queue its batches meanwhile
+            gpu_ms = began.elapsed_time(done)
+        t_synced = time.perf_counter()
         result = np.empty((n, self._dim), dtype=np.float32)
         result[order] = host.numpy()
         t2 = time.perf_counter()
@@ -574,6 +675,9 @@ class LocalBackend(Backend):
             st["calls"] += 1
             st["tokenize_ms"] += int((t1 - t0) * 1000)
             st["device_ms"] += int((t2 - t1) * 1000)
+            st["launch_ms"] += int((t_launched - t1) * 1000)
+            st["wait_ms"] += int((t_synced - t_launched) * 1000)
+            st["gpu_ms"] += int(gpu_ms)
         return check_vectors(result, n, self._dim)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -586,6 +690,9 @@ class LocalBackend(Backend):
         return self._embed_sync(texts)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         self._model = None
         self._st = None
         torch = self._torch
