@@ -52,15 +52,26 @@ def s3():
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
     host, port = srv.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     storage.clear_cache()
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="test",
-                           secret_key="test", region="us-east-1", allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}",
+        scheme="http",
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
     fs.create_dir("bucket")
     yield fs
     srv.stop()
@@ -103,8 +114,14 @@ def write_inputs(tmp_path) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def options(inputs: Sequence[str], work: str, ray_opts: RayOptions | None, **kw) -> EmbedOptions:
-    return EmbedOptions(inputs=list(inputs), dirs=WorkDirs.from_options(work, None, None, None),
-                        chunk_lines=kw.pop("chunk_lines", 100), log_interval=60, ray=ray_opts, **kw)
+    return EmbedOptions(
+        inputs=list(inputs),
+        dirs=WorkDirs.from_options(work, None, None, None),
+        chunk_lines=kw.pop("chunk_lines", 100),
+        log_interval=60,
+        ray=ray_opts,
+        **kw,
+    )
 
 
 def read_output(shards: str) -> tuple[list[str], np.ndarray, list[str]]:
@@ -204,8 +221,12 @@ def test_clean_run_is_exact_and_identical_to_local_engine(tmp_path, ray_local, s
     lm = done_markers(WorkDirs.from_options(str(tmp_path / "local"), None, None, None))
     rm = done_markers(WorkDirs.from_options(str(tmp_path / "ray"), None, None, None))
     assert {k: m.sha256 for k, m in lm.items()} == {k: m.sha256 for k, m in rm.items()}
-    assert (tmp_path / "local/progress/rejects.jsonl").read_bytes() == (tmp_path / "ray/progress/rejects.jsonl").read_bytes()
-    assert (tmp_path / "local/progress/manifest.json").read_bytes() == (tmp_path / "ray/progress/manifest.json").read_bytes()
+    assert (tmp_path / "local/progress/rejects.jsonl").read_bytes() == (
+        tmp_path / "ray/progress/rejects.jsonl"
+    ).read_bytes()
+    assert (tmp_path / "local/progress/manifest.json").read_bytes() == (
+        tmp_path / "ray/progress/manifest.json"
+    ).read_bytes()
     # a second run finds everything done and starts no Ray work
     again = run_embed(options(inputs, str(tmp_path / "ray"), RayOptions()), spec)
     assert again.chunks_done_now == 0 and again.chunks_skipped == 20
@@ -223,7 +244,9 @@ def test_worker_killed_mid_chunk_is_retried_and_written_once(tmp_path, ray_local
     assert_exact(str(tmp_path / "w" / "shards"), records)
     # only the killed chunk's texts may have been sent twice
     text_of = dict(records)
-    chunk_ids = pq.read_table(tmp_path / "w" / "shards" / "part-0000-0000012.parquet").column("id").to_pylist()
+    chunk_ids = (
+        pq.read_table(tmp_path / "w" / "shards" / "part-0000-0000012.parquet").column("id").to_pylist()
+    )
     assert text_of[chunk_ids[0]] != victim and victim in {text_of[i] for i in chunk_ids}
     twice = set(sent(server) - Counter(t for _, t in records))
     assert twice <= {text_of[i] for i in chunk_ids}
@@ -297,10 +320,14 @@ def _reap_ray_session(driver_pid: int) -> None:
     suffix = f"_{driver_pid}"
     for pid_dir in glob.glob("/proc/[0-9]*"):
         try:
-            targets = {os.readlink(os.path.join(pid_dir, "fd", fd)) for fd in os.listdir(os.path.join(pid_dir, "fd"))}
+            targets = {
+                os.readlink(os.path.join(pid_dir, "fd", fd)) for fd in os.listdir(os.path.join(pid_dir, "fd"))
+            }
         except OSError:
             continue
-        if any("/session_" in t and t.split("/session_", 1)[1].split("/", 1)[0].endswith(suffix) for t in targets):
+        if any(
+            "/session_" in t and t.split("/session_", 1)[1].split("/", 1)[0].endswith(suffix) for t in targets
+        ):
             try:
                 os.kill(int(os.path.basename(pid_dir)), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -314,10 +341,26 @@ def test_cli_driver_killed_then_rerun_resumes_exactly(tmp_path) -> None:
         fh.write(b"".join(orjson.dumps({"_id": i, "text": t}) + b"\n" for i, t in records))
     work = str(tmp_path / "w")
     with TEIServer(dim=DIM, latency=0.03) as srv:
-        args = [sys.executable, "-m", "tweet_embed", "embed", path, "--tei-urls", srv.url, "--work-dir", work,
-                "--chunk-size", "100", "--engine", "ray", "--log-interval", "1"]
-        first = subprocess.Popen(args, cwd=ROOT, env=_cli_env(), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+        args = [
+            sys.executable,
+            "-m",
+            "tweet_embed",
+            "embed",
+            path,
+            "--tei-urls",
+            srv.url,
+            "--work-dir",
+            work,
+            "--chunk-size",
+            "100",
+            "--engine",
+            "ray",
+            "--log-interval",
+            "1",
+        ]
+        first = subprocess.Popen(
+            args, cwd=ROOT, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             deadline = time.time() + 180
             while len(glob.glob(os.path.join(work, "progress", "*.done"))) < 4 and time.time() < deadline:

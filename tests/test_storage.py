@@ -32,15 +32,26 @@ def s3():
     srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
     host, port = srv.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     storage.clear_cache()
     import pyarrow.fs as pafs
 
-    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="test",
-                           secret_key="test", region="us-east-1", allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}",
+        scheme="http",
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    )
     fs.create_dir("store")
     yield fs
     srv.stop()
@@ -104,8 +115,11 @@ def test_s3_operations_and_input(tmp_path, s3) -> None:
         check_input_path(f"{base}/nothing.jsonl")
 
     data, _ = corpus(3000)
-    for name, blob in (("in.jsonl", data), ("in.jsonl.gz", gzip.compress(data)),
-                       ("in.jsonl.zst", zstandard.ZstdCompressor().compress(data))):
+    for name, blob in (
+        ("in.jsonl", data),
+        ("in.jsonl.gz", gzip.compress(data)),
+        ("in.jsonl.zst", zstandard.ZstdCompressor().compress(data)),
+    ):
         with s3.open_output_stream(f"store/input/{name}", compression=None) as out:
             out.write(blob)
         (tmp_path / name).write_bytes(blob)
@@ -113,7 +127,11 @@ def test_s3_operations_and_input(tmp_path, s3) -> None:
         assert read_range(uri, 1000, 5000) == data[1000:5000]
         remote, local = make_plan([uri], 700), make_plan([str(tmp_path / name)], 700)
         assert remote.chunks == local.chunks, name
-        assert remote.files[0].fingerprint == local.files[0].fingerprint, (name, remote.files[0].size, local.files[0].size)
+        assert remote.files[0].fingerprint == local.files[0].fingerprint, (
+            name,
+            remote.files[0].size,
+            local.files[0].size,
+        )
 
 
 def test_fsspec_fallback_for_schemes_pyarrow_lacks() -> None:
@@ -132,18 +150,28 @@ def test_local_engine_on_s3_resumes_and_restarts(tmp_path, s3) -> None:
     work = "s3://store/runs/local"
 
     def opts(**kw: object) -> EmbedOptions:
-        return EmbedOptions(inputs=["s3://store/in/tweets.jsonl.gz"],
-                            dirs=WorkDirs.from_options(work, None, None, None), chunk_lines=100, log_interval=60,
-                            **kw)  # type: ignore[arg-type]
+        return EmbedOptions(
+            inputs=["s3://store/in/tweets.jsonl.gz"],
+            dirs=WorkDirs.from_options(work, None, None, None),
+            chunk_lines=100,
+            log_interval=60,
+            **kw,
+        )  # type: ignore[arg-type]
 
     with TEIServer(dim=DIM, max_client_batch_size=16) as srv:
+
         def tei() -> Backend:
             return make_backend([srv.embed_url])
 
         s1 = run_embed(opts(max_chunks=3), tei)
         assert s1.chunks_done_now == 3
         s2 = run_embed(opts(), tei)
-        assert s2.chunks_skipped == 3 and s2.chunks_done_now == 4 and s1.rows + s2.rows == 640 and s2.rejected == 1
+        assert (
+            s2.chunks_skipped == 3
+            and s2.chunks_done_now == 4
+            and s1.rows + s2.rows == 640
+            and s2.rejected == 1
+        )
         texts = srv.embedded
         assert all(texts[t] == 1 for _, t in rows)  # the resume sent nothing twice
         dirs = WorkDirs.from_options(work, None, None, None)

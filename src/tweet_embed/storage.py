@@ -51,7 +51,7 @@ def is_uri(path: str) -> bool:
 
 def local_path(path: str) -> str:
     """A local path as the OS wants it (``file:///x`` → ``/x``)."""
-    return path[len("file://"):] if path.lower().startswith("file://") else path
+    return path[len("file://") :] if path.lower().startswith("file://") else path
 
 
 def absolute(path: str) -> str:
@@ -303,7 +303,27 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], remote: bool, workers
 
 
 __all__ = [
-    "StorageError", "scheme", "is_uri", "local_path", "absolute", "join", "basename", "resolve", "clear_cache",
-    "exists", "is_dir", "stat", "open_raw", "open_input", "read_bytes", "list_names", "mtime", "makedirs", "write_bytes",
-    "upload_file", "delete", "sync_dir", "parallel_map",
+    "StorageError",
+    "scheme",
+    "is_uri",
+    "local_path",
+    "absolute",
+    "join",
+    "basename",
+    "resolve",
+    "clear_cache",
+    "exists",
+    "is_dir",
+    "stat",
+    "open_raw",
+    "open_input",
+    "read_bytes",
+    "list_names",
+    "mtime",
+    "makedirs",
+    "write_bytes",
+    "upload_file",
+    "delete",
+    "sync_dir",
+    "parallel_map",
 ]

@@ -24,6 +24,7 @@ chunk bytes with the task; for large runs, plain or pre-split compressed input s
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import logging
@@ -100,11 +101,20 @@ class _Runtime:
         self.info: BackendInfo | None = None
         self.limiter: asyncio.Semaphore | None = None
         self.lock = asyncio.Lock()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Close the kept client when the worker process ends (no 'unclosed session' noise)."""
+        if self.backend is not None and self.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.drop(), self.loop).result(timeout=5)
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    async def backend_for(self, key: str, factory: Callable[[], Backend], slots: int) -> tuple[Backend, BackendInfo]:
+    async def backend_for(
+        self, key: str, factory: Callable[[], Backend], slots: int
+    ) -> tuple[Backend, BackendInfo]:
         async with self.lock:
             if self.key != key or self.backend is None or self.info is None:
                 if self.backend is not None:
@@ -139,8 +149,9 @@ def _get_runtime() -> _Runtime:
         return _runtime
 
 
-def run_chunk(job: _Job, f: InputFile, chunk: Chunk, data: bytes | None,
-              stats: bool = True) -> tuple[Marker, dict[str, int]]:
+def run_chunk(
+    job: _Job, f: InputFile, chunk: Chunk, data: bytes | None, stats: bool = True
+) -> tuple[Marker, dict[str, int]]:
     """One chunk on a Ray worker: the shared :func:`process_chunk`, with this process's backend.
 
     Returns the marker and what the backend's counters grew by (a task runs alone in its process, so the
@@ -151,12 +162,15 @@ def run_chunk(job: _Job, f: InputFile, chunk: Chunk, data: bytes | None,
     async def go() -> tuple[Marker, dict[str, int]]:
         backend, info = await rt.backend_for(job.key, job.factory, job.slots)
         if (info.model, info.dim) != (job.model, job.dim):
-            raise BackendError(f"a worker's backend serves {info.model} ({info.dim} dimensions), "
-                               f"the run was started with {job.model} ({job.dim})")
+            raise BackendError(
+                f"a worker's backend serves {info.model} ({info.dim} dimensions), "
+                f"the run was started with {job.model} ({job.dim})"
+            )
         before = dict(backend.stats())
         try:
-            marker = await process_chunk(f, chunk, job.dirs, backend, info, job.metadata, job.copts, data=data,
-                                         limiter=rt.limiter)
+            marker = await process_chunk(
+                f, chunk, job.dirs, backend, info, job.metadata, job.copts, data=data, limiter=rt.limiter
+            )
         except BaseException:
             await rt.drop()
             raise
@@ -182,7 +196,9 @@ class ChunkActor:
     def start(self) -> BackendInfo:
         return _start_actor_backend(self.key, self.factory, 1)
 
-    def process(self, job: _Job, f: InputFile, chunk: Chunk, data: bytes | None) -> tuple[Marker, dict[str, int]]:
+    def process(
+        self, job: _Job, f: InputFile, chunk: Chunk, data: bytes | None
+    ) -> tuple[Marker, dict[str, int]]:
         _start_actor_backend(self.key, self.factory, 1)  # after a restart the constructor ran again: load
         return run_chunk(job, f, chunk, data, stats=False)
 
@@ -240,8 +256,13 @@ def _connected(ropts: RayOptions) -> Iterator[Any]:
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)  # keep the CLI's SIGTERM → clean stop, exit code 130
     res = ray.cluster_resources()
-    log.info("Ray: %d node(s), %g CPUs, %g GPUs (connected in %.1fs)", len(ray.nodes()),
-             res.get("CPU", 0), res.get("GPU", 0), time.monotonic() - t0)
+    log.info(
+        "Ray: %d node(s), %g CPUs, %g GPUs (connected in %.1fs)",
+        len(ray.nodes()),
+        res.get("CPU", 0),
+        res.get("GPU", 0),
+        time.monotonic() - t0,
+    )
     try:
         yield ray
     finally:
@@ -261,7 +282,10 @@ def _unwrap(ray: Any, exc: BaseException) -> BaseException:
 
 
 async def run_on_ray(
-    opts: EmbedOptions, make_backend: Callable[[], Backend] | BackendSpec, plan: Plan, pending: list[Chunk],
+    opts: EmbedOptions,
+    make_backend: Callable[[], Backend] | BackendSpec,
+    plan: Plan,
+    pending: list[Chunk],
     summary: Summary,
 ) -> None:
     """Embed ``pending`` on Ray; updates ``summary`` in place. Called by ``run_embed_async`` under its lock.
@@ -315,16 +339,22 @@ async def run_on_ray(
                 ref = actor.process.remote(job_ref, plan.files[c.file_index], c, data)
                 submit_actor[ref] = actor
                 return ref
+
             limit = min(limit, len(free))
         else:
             task = ray.remote(run_chunk).options(
-                num_cpus=ropts.cpus_per_task, max_retries=ropts.max_retries, retry_exceptions=[OSError])
+                num_cpus=ropts.cpus_per_task, max_retries=ropts.max_retries, retry_exceptions=[OSError]
+            )
 
             def submit(c: Chunk, data: bytes | None) -> Any:
                 return task.remote(job_ref, plan.files[c.file_index], c, data)
 
-        log.info("Ray engine: %d chunks as %s, up to %d at once", len(pending),
-                 f"calls on {len(actors)} actor(s)" if actors else "tasks", limit)
+        log.info(
+            "Ray engine: %d chunks as %s, up to %d at once",
+            len(pending),
+            f"calls on {len(actors)} actor(s)" if actors else "tasks",
+            limit,
+        )
         items = _work_items(plan, pending)
         inflight: dict[Any, Chunk] = {}
         with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
@@ -368,7 +398,9 @@ async def run_on_ray(
                         ray.kill(a)
 
 
-def _start_actors(ray: Any, ropts: RayOptions, key: str, factory: Callable[[], Backend]) -> tuple[list[Any], BackendInfo]:
+def _start_actors(
+    ray: Any, ropts: RayOptions, key: str, factory: Callable[[], Backend]
+) -> tuple[list[Any], BackendInfo]:
     gpus = ray.cluster_resources().get("GPU", 0)
     per = ropts.gpus_per_actor if ropts.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     n = ropts.actors or (int(gpus // per) if per > 0 else 1)
@@ -377,8 +409,12 @@ def _start_actors(ray: Any, ropts: RayOptions, key: str, factory: Callable[[], B
     if not per:
         log.warning("no GPU in the Ray cluster: the in-process model runs on CPU in %d actor(s)", n)
     cls = ray.remote(ChunkActor).options(
-        num_gpus=per, num_cpus=ropts.cpus_per_actor, max_restarts=ropts.max_retries,
-        max_task_retries=ropts.max_retries, max_concurrency=2)
+        num_gpus=per,
+        num_cpus=ropts.cpus_per_actor,
+        max_restarts=ropts.max_retries,
+        max_task_retries=ropts.max_retries,
+        max_concurrency=2,
+    )
     actors = [cls.remote(key, factory) for _ in range(n)]
     try:
         infos = ray.get([a.start.remote() for a in actors])
