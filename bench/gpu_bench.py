@@ -114,12 +114,25 @@ def bench_tokenizer(texts: list[str], backend: LocalBackend) -> dict[str, float]
             fn(texts[i : i + step])
         out[name] = len(texts) / (time.perf_counter() - t)
         emit(f"tokenizer {name}", out[name], note=f"{os.cpu_count()} cores, calls of {step:,}")
+    from tweet_embed.backends.local import encode_ids
+
+    t = time.perf_counter()
+    for i in range(0, len(texts), step):
+        encode_ids(tok, texts[i : i + step])
+    out["ids_in_thread"] = len(texts) / (time.perf_counter() - t)
+    emit("tokenizer + ids to numpy, one process", out["ids_in_thread"], note="Rust threads, GIL for the ids")
     t = time.perf_counter()
     lengths = []
+    step = 4_000  # about what the run loop sends per call
     for i in range(0, len(texts), step):
         lengths.append(backend.tokenize(texts[i : i + step])[2])
     out["backend_tokenize"] = len(texts) / (time.perf_counter() - t)
-    emit("tokenizer + ids to numpy (backend step)", out["backend_tokenize"])
+    workers = backend.stats()["tokenizer_workers"]
+    emit(
+        "tokenizer + ids to numpy (backend step)",
+        out["backend_tokenize"],
+        note=f"{workers} tokenizer processes",
+    )
     lens = np.concatenate(lengths)
     RESULTS["tokens"] = {
         "mean": float(lens.mean()),
@@ -178,11 +191,20 @@ def in_process(backend: LocalBackend, texts: list[str], label: str, call: int) -
     backend.embed_sync(texts[:call])
     for in_flight in (1, 2):
         calls = [texts[i : i + call] for i in range(0, len(texts), call)]
+        before = backend.stats()
         t = time.perf_counter()
         with ThreadPoolExecutor(in_flight) as ex:
             list(ex.map(backend.embed_sync, calls))
-        out[in_flight] = len(texts) / (time.perf_counter() - t)
+        wall = time.perf_counter() - t
+        out[in_flight] = len(texts) / wall
         emit(f"backend in-process {label} ({in_flight} in flight)", out[in_flight], note=f"calls of {call:,}")
+        after = backend.stats()
+        d = {
+            k: after[k] - before[k]
+            for k in ("tokens", "padded_tokens", "tokenize_ms", "launch_ms", "wait_ms", "gpu_ms", "batches")
+        }
+        print(f"  wall {wall * 1000:.0f} ms, {d}", flush=True)
+        RESULTS.setdefault("inprocess_stats", {})[f"{label}_{in_flight}"] = {"wall_ms": wall * 1000, **d}
     return out
 
 
@@ -322,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "raw_small": 64 if q else 200_000,
         "raw_large": 64 if q else 40_000,
         "st": 32 if q else 50_000,
-        "call": 32 if q else 10_000,
+        "call": 32 if q else 4_000,
         "chunk": 100 if q else 10_000,
     }
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_bench_"))

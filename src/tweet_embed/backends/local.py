@@ -281,6 +281,7 @@ class LocalBackend(Backend):
         self.threads = threads
         self.tokenizer_workers = tokenizer_workers
         self._pool: Any = None  # ProcessPoolExecutor of tokenizer workers, or None: tokenize in the thread
+        self._executor: Any = None  # threads that run embed calls
         self._tok_path = ""
         self.info: BackendInfo | None = None
         self._lock = threading.Lock()  # one call at a time on the device; the other one tokenizes meanwhile
@@ -338,6 +339,9 @@ class LocalBackend(Backend):
         if self._cuda:
             torch.cuda.set_device(torch.device(device))
             torch.backends.cuda.matmul.allow_tf32 = True
+            # the CPU side only copies small arrays: one intra-op thread, so no OpenMP team per calling
+            # thread spins on the cores the tokenizer processes and the run loop need
+            torch.set_num_threads(max(1, int(self.threads or 1)))
         else:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             torch.set_num_threads(max(1, int(self.threads or cores or 1)))
@@ -683,13 +687,24 @@ class LocalBackend(Backend):
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.info is None:
             await self.start()
-        return await asyncio.to_thread(self._embed_sync, texts)
+        if self._executor is None:
+            # own threads (not asyncio's shared pool): the same few threads always run the model, so the
+            # device and thread-local state are set up once; two on a GPU so one call tokenizes while the
+            # other's batches run
+            from concurrent.futures import ThreadPoolExecutor
+
+            workers = self.info.max_in_flight if self.info is not None else 1
+            self._executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="local-model")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._embed_sync, texts)
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         """Blocking form for scripts and the benchmark (``start`` must have run)."""
         return self._embed_sync(texts)
 
     async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
