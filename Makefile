@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= local,dev,ray
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test check lint typecheck bench clean sample bq-emulator
+.PHONY: install demo test check lint typecheck bench clean sample bq-emulator infinity
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,16 @@ $(BQEMU_STAMP): scripts/setup_bq_emulator.sh
 
 bq-emulator: $(BQEMU_STAMP)
 
-test: install bq-emulator
+# Infinity for tests/test_infinity.py, in its own venv (it pins numpy<2 and sentence-transformers<4); if it
+# cannot be installed, that test skips.
+INFINITY_STAMP := .venv-infinity/.installed
+$(INFINITY_STAMP): scripts/setup_infinity.sh
+	TORCH="$(TORCH)" bash scripts/setup_infinity.sh .venv-infinity && touch $(INFINITY_STAMP) || \
+		echo "Infinity not installed: tests/test_infinity.py will skip"
+
+infinity: $(INFINITY_STAMP)
+
+test: install bq-emulator infinity
 	$(PY) -m pytest -q
 
 lint: install
@@ -52,4 +61,4 @@ typecheck: install
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) .venv-bqemu embeddings .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bqemu .venv-infinity embeddings .pytest_cache .mypy_cache .ruff_cache

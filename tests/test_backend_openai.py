@@ -27,10 +27,11 @@ KEY = "sk-test-7c1f0a9e5d4b3a29"
 
 
 async def embed_all(backend, texts):
-    info = await backend.start()
     try:
-        vecs = await asyncio.gather(*(backend.embed(texts[i:i + info.max_batch])
-                                      for i in range(0, len(texts), info.max_batch)))
+        info = await backend.start()
+        vecs = await asyncio.gather(
+            *(backend.embed(texts[i : i + info.max_batch]) for i in range(0, len(texts), info.max_batch))
+        )
         return info, np.concatenate(vecs)
     finally:
         await backend.close()
@@ -78,7 +79,12 @@ def test_bad_answers_are_retried_not_written() -> None:
 
 def test_url_forms() -> None:
     n = OpenAIBackend.normalise_url
-    assert n("http://h:1/v1") == n("http://h:1/v1/") == n("http://h:1/v1/embeddings") == "http://h:1/v1/embeddings"
+    assert (
+        n("http://h:1/v1")
+        == n("http://h:1/v1/")
+        == n("http://h:1/v1/embeddings")
+        == "http://h:1/v1/embeddings"
+    )
     assert n("http://h:1") == "http://h:1/v1/embeddings"
     assert OpenAIBackend.root_url("http://h:1/v1/embeddings") == "http://h:1"
     assert isinstance(make_backend(["http://h:1/v1"]), OpenAIBackend)
@@ -109,8 +115,9 @@ def test_key_never_in_repr() -> None:
 
 def _all_bytes(root: str) -> bytes:
     out = []
-    for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) + glob.glob(os.path.join(root, "**", ".*"),
-                                                                                   recursive=True):
+    for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) + glob.glob(
+        os.path.join(root, "**", ".*"), recursive=True
+    ):
         if os.path.isfile(p):
             with open(p, "rb") as fh:
                 out.append(fh.read())
@@ -125,8 +132,20 @@ def test_cli_with_key_from_env_never_writes_it(tmp_path, flag) -> None:
     with TEIServer(dim=DIM, api_key=KEY) as srv:
         url = srv.openai_url if flag == "--openai-urls" else srv.embed_url
         work = str(tmp_path / "w")
-        r = run_cli("-v", "embed", path, flag, url, "--work-dir", work, "--chunk-size", "500",
-                    "--workers", "2", env={"TWEET_EMBED_API_KEY": KEY, "OPENAI_API_KEY": ""})
+        r = run_cli(
+            "-v",
+            "embed",
+            path,
+            flag,
+            url,
+            "--work-dir",
+            work,
+            "--chunk-size",
+            "500",
+            "--workers",
+            "2",
+            env={"TWEET_EMBED_API_KEY": KEY, "OPENAI_API_KEY": ""},
+        )
         assert r.returncode == 0, r.stderr
         assert KEY not in r.stdout and KEY not in r.stderr
         assert KEY.encode() not in _all_bytes(work)
@@ -138,7 +157,14 @@ def test_cli_with_key_from_env_never_writes_it(tmp_path, flag) -> None:
         assert ids == [i for i, _ in records]
         np.testing.assert_array_equal(np.concatenate(vecs), expected_vectors([t for _, t in records], DIM))
         # the same run with a wrong key: a clear error, exit 3, the key in no message
-        r = run_cli("embed", path, flag, url, "--work-dir", str(tmp_path / "w2"),
-                    env={"TWEET_EMBED_API_KEY": "", "OPENAI_API_KEY": "wrong-" + KEY})
+        r = run_cli(
+            "embed",
+            path,
+            flag,
+            url,
+            "--work-dir",
+            str(tmp_path / "w2"),
+            env={"TWEET_EMBED_API_KEY": "", "OPENAI_API_KEY": "wrong-" + KEY},
+        )
         assert r.returncode == 3 and "authentication failed" in r.stderr
         assert KEY not in r.stderr and KEY not in r.stdout

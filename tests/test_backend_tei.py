@@ -27,8 +27,12 @@ def test_vectors_exact_with_every_pool_size(workers) -> None:
         async def go():
             info = await backend.start()
             try:
-                parts = await asyncio.gather(*(backend.embed(TEXTS[i:i + info.max_batch])
-                                               for i in range(0, len(TEXTS), info.max_batch)))
+                parts = await asyncio.gather(
+                    *(
+                        backend.embed(TEXTS[i : i + info.max_batch])
+                        for i in range(0, len(TEXTS), info.max_batch)
+                    )
+                )
                 return info, np.concatenate(parts)
             finally:
                 await backend.close()
@@ -61,8 +65,12 @@ def test_resuming_a_finished_run_sends_nothing(tmp_path) -> None:
     write_jsonl(path, 2000, seed=11)
     with TEIServer(dim=DIM) as srv:
         spec = BackendSpec(urls=(srv.url,), workers=2)
-        opts = EmbedOptions(inputs=[path], dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None),
-                            chunk_lines=100, log_interval=60)
+        opts = EmbedOptions(
+            inputs=[path],
+            dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None),
+            chunk_lines=100,
+            log_interval=60,
+        )
         first = run_embed(opts, spec)
         assert first.rows == 2000 and first.chunks_done_now == 20
         srv.reset_counters()

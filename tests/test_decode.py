@@ -49,8 +49,13 @@ def tei_body(vecs: np.ndarray) -> bytes:
 
 def openai_body(vecs: np.ndarray, encoding: str, shuffle: bool = False) -> bytes:
     data = [
-        {"object": "embedding", "index": i,
-         "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding == "base64" else v.tolist()}
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+            if encoding == "base64"
+            else v.tolist(),
+        }
         for i, v in enumerate(vecs)
     ]
     if shuffle:
@@ -80,10 +85,10 @@ def test_tei_json_accepts_integers_and_exponents(path) -> None:
         (b"[[0.1,0.2,0.5],[0.3]]", 2, None, "lengths"),
         (b"[[0.1,0.2],[0.3,0.4]]", 1, 4, "expected 1 vectors"),  # same total as 1x4
         (b"[[0.1,null],[0.3,0.4]]", 2, 2, "non-finite"),
-        (b"[[0.1,\"x\"],[0.3,0.4]]", 2, 2, "not numbers"),
+        (b'[[0.1,"x"],[0.3,0.4]]', 2, 2, "not numbers"),
         (b"[[[0.1,0.2]],[[0.3,0.4]]]", 2, None, ""),
         (b"[[0.1,0.2],[0.3,0.4]", 2, 2, "invalid JSON"),
-        (b"{\"error\":\"x\"}", 1, 2, "expected a JSON array"),
+        (b'{"error":"x"}', 1, 2, "expected a JSON array"),
         (b"[[1e999,0.2]]", 1, 2, ""),
         (b"[]", 0, 2, ""),
         (b"[[]]", 1, None, ""),
@@ -132,8 +137,9 @@ def test_openai_bad_answers_are_refused(path) -> None:
     with pytest.raises(DecodeError, match="non-finite"):
         decode_openai_floats(openai_body(nan, "float"), 3, 4)
     with pytest.raises(DecodeError, match="one length"):
-        decode_openai_floats(body(lambda o: [d.update(embedding=[0.5] * (i + 1)) for i, d in
-                                             enumerate(o["data"])]), 3, None)
+        decode_openai_floats(
+            body(lambda o: [d.update(embedding=[0.5] * (i + 1)) for i, d in enumerate(o["data"])]), 3, None
+        )
 
 
 def test_fast_path_survives_an_error_in_the_middle(path) -> None:
@@ -141,7 +147,7 @@ def test_fast_path_survives_an_error_in_the_middle(path) -> None:
     v = vectors(4, 16)
     for _ in range(3):
         with pytest.raises(DecodeError):
-            decode_embed_json(b"[[0.1,\"x\"],[0.3]]", 2, None)
+            decode_embed_json(b'[[0.1,"x"],[0.3]]', 2, None)
         with pytest.raises(DecodeError):
             decode_openai_floats(orjson.dumps({"data": [{"index": 0, "embedding": [1, "x"]}]}), 1, None)
         assert np.array_equal(decode_embed_json(tei_body(v), 4, 16), v)
@@ -155,10 +161,17 @@ def test_pool_same_answers_and_errors_in_threads_and_processes(workers) -> None:
         pool = DecodePool(workers)
         await pool.start()
         try:
-            outs = await asyncio.gather(*(pool.decode(k, b, 32, 64) for k, b in [
-                ("embed_json", tei_body(v)), ("openai_base64", openai_body(v, "base64")),
-                ("openai_float", openai_body(v, "float")),
-            ] * 3))
+            outs = await asyncio.gather(
+                *(
+                    pool.decode(k, b, 32, 64)
+                    for k, b in [
+                        ("embed_json", tei_body(v)),
+                        ("openai_base64", openai_body(v, "base64")),
+                        ("openai_float", openai_body(v, "float")),
+                    ]
+                    * 3
+                )
+            )
             for out in outs:
                 assert np.array_equal(out, v)
             with pytest.raises(DecodeError, match="expected 31 vectors"):

@@ -173,7 +173,7 @@ def _data(body: bytes, n: int) -> list[dict[str, Any]]:
         raise DecodeError(f"invalid JSON: {exc}") from None
     data = obj.get("data") if isinstance(obj, dict) else None
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-        raise DecodeError("expected {\"data\": [{\"embedding\": ..., \"index\": ...}, ...]}")
+        raise DecodeError('expected {"data": [{"embedding": ..., "index": ...}, ...]}')
     if len(data) != n:
         raise DecodeError(f"expected {n} embeddings, got {len(data)}")
     if any(d.get("index") != i for i, d in enumerate(data)):
@@ -316,9 +316,12 @@ class DecodePool:
         if self.uses_processes:
             import multiprocessing
 
-            self._procs = ProcessPoolExecutor(max_workers=self.workers,
-                                              mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_worker_init, initargs=(os.getpid(),))
+            self._procs = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(os.getpid(),),
+            )
             loop = asyncio.get_running_loop()
             await asyncio.gather(*(loop.run_in_executor(self._procs, _warm) for _ in range(self.workers)))
 
