@@ -113,10 +113,12 @@ def write_inputs(tmp_path) -> tuple[list[str], list[tuple[str, str]]]:
     return [str(pa_), str(pb)], a + b
 
 
-def options(inputs: Sequence[str], work: str, ray_opts: RayOptions | None, **kw) -> EmbedOptions:
+def options(
+    inputs: Sequence[str], work: str, ray_opts: RayOptions | None, stage: str | None = None, **kw
+) -> EmbedOptions:
     return EmbedOptions(
         inputs=list(inputs),
-        dirs=WorkDirs.from_options(work, None, None, None),
+        dirs=WorkDirs.from_options(work, stage, None, None),
         chunk_lines=kw.pop("chunk_lines", 100),
         log_interval=60,
         ray=ray_opts,
@@ -270,9 +272,10 @@ def test_object_store_input_shards_and_markers(tmp_path, ray_local, s3, server) 
         uris.append(f"s3://{key}")
     spec = BackendSpec(urls=(server.embed_url,))
     work = "s3://bucket/runs/r1"
-    s1 = run_embed(options(uris, work, RayOptions(), max_chunks=7), spec)
+    stage = str(tmp_path / "stage")  # default: $TMPDIR/tweet-embed-<hash> (test_storage checks it)
+    s1 = run_embed(options(uris, work, RayOptions(), stage, max_chunks=7), spec)
     assert s1.chunks_done_now == 7
-    s2 = run_embed(options(uris, work, RayOptions()), spec)
+    s2 = run_embed(options(uris, work, RayOptions(), stage), spec)
     assert s2.chunks_skipped == 7 and s2.chunks_done_now == 13 and s2.rejected == 2
     assert_exact(f"{work}/shards", records)
     names = storage.list_names(f"{work}/progress")

@@ -152,7 +152,7 @@ def test_local_engine_on_s3_resumes_and_restarts(tmp_path, s3) -> None:
     def opts(**kw: object) -> EmbedOptions:
         return EmbedOptions(
             inputs=["s3://store/in/tweets.jsonl.gz"],
-            dirs=WorkDirs.from_options(work, None, None, None),
+            dirs=WorkDirs.from_options(work, str(tmp_path / "stage"), None, None),
             chunk_lines=100,
             log_interval=60,
             **kw,
