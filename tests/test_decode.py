@@ -220,3 +220,27 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_pool_bodies_larger_than_a_slot_are_pickled(monkeypatch) -> None:
+    monkeypatch.setattr(decode, "SLOT_BYTES", 3000)
+    big, small = vectors(32, 64), vectors(1, 8)
+
+    async def go() -> None:
+        pool = DecodePool(2)
+        await pool.start()
+        try:
+            assert all(s.size >= 3000 for s in pool._slots)
+            outs = await asyncio.gather(
+                pool.decode("embed_json", tei_body(big), 32, 64),  # body > slot: pickled
+                pool.decode("embed_json", tei_body(small), 1, 8),  # through a slot
+                pool.decode("openai_float", openai_body(small, "float"), 1, 8),
+            )
+            assert np.array_equal(outs[0], big) and np.array_equal(outs[1], small)
+            assert np.array_equal(outs[2], small)
+            names = [s.name for s in pool._slots]
+        finally:
+            pool.close()
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+
+    asyncio.run(go())
