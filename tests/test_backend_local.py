@@ -163,6 +163,20 @@ def test_info_and_matches_sentence_transformers(minilm, reference):
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
 
+def test_lean_forward_matches_transformers(minilm):
+    """The lean BERT forward is in use for MiniLM and gives transformers' vectors."""
+    backend, _ = minilm
+    assert backend._lean is not None
+    texts = TWEETS[:12]
+    lean = run(backend.embed(texts))
+    saved, backend._lean = backend._lean, None
+    try:
+        hf = run(backend.embed(texts))
+    finally:
+        backend._lean = saved
+    assert np.allclose(lean, hf, atol=1e-5)
+
+
 def test_order_restored_and_batch_independent(minilm):
     backend, _ = minilm
     texts = TWEETS[:10]

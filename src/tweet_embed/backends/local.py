@@ -111,12 +111,20 @@ def rows_for(length: int, token_budget: int, max_rows: int) -> int:
 
 
 def plan_batches(
-    sorted_lengths: np.ndarray, token_budget: int, max_rows: int, multiple: int, max_len: int
+    sorted_lengths: np.ndarray,
+    token_budget: int,
+    max_rows: int,
+    multiple: int,
+    max_len: int,
+    min_tokens: int = 0,
 ) -> list[tuple[int, int, int]]:
     """Cut length-sorted texts into ``(start, end, padded_length)`` batches within the token budget.
 
-    Each batch holds texts of one padded length only (a bucket), so padding costs at most ``multiple - 1``
-    tokens per text; a bucket is cut into full batches of ``rows_for(length)`` rows and one partial batch.
+    Each batch holds texts of one padded length (a bucket), so padding costs at most ``multiple - 1`` tokens
+    per text; a bucket is cut into full batches of ``rows_for(length)`` rows and one partial batch. Then a
+    batch under ``min_tokens`` is merged with its neighbour when both fit the budget at the longer length:
+    on a GPU every batch costs milliseconds of Python launching, which for a small model like MiniLM weighs
+    more than the extra padding.
     """
     n = len(sorted_lengths)
     if n == 0:
@@ -131,7 +139,18 @@ def plan_batches(
         length = int(padded[s])
         rows = rows_for(length, token_budget, max_rows)
         out.extend((i, min(i + rows, e), length) for i in range(s, e, rows))
-    return out
+    if min_tokens <= 0:
+        return out
+    merged: list[tuple[int, int, int]] = []
+    for s, e, length in out:
+        if merged:
+            ps, pe, plen = merged[-1]
+            small = (pe - ps) * plen < min_tokens or (e - s) * length < min_tokens
+            if small and e - ps <= rows_for(length, token_budget, max_rows):
+                merged[-1] = (ps, e, length)  # sorted: ``length`` is the longer one
+                continue
+        merged.append((s, e, length))
+    return merged
 
 
 def shape_rows(rows: int, length: int, token_budget: int, max_rows: int, steps: int = 8) -> int:
@@ -252,6 +271,83 @@ def _fast_layout(path: Path) -> tuple[str, int] | None:
     return pooling, int(sbert.get("max_seq_length") or 512)
 
 
+class LeanBert:
+    """BERT encoder forward in a dozen torch calls per layer, on the weights of a transformers ``BertModel``.
+
+    Why: transformers' module forward costs several milliseconds of Python per batch (hooks, mask helpers,
+    attention dispatch), which for a small model on a GPU is longer than the GPU work itself: MiniLM batches
+    were launch-bound. Same arithmetic (fused QKV projection, SDPA, exact GELU, post-LayerNorm); checked against
+    the transformers forward when the model loads, and not used if it differs.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        cfg = model.config
+        emb = model.embeddings
+        self.hidden = int(cfg.hidden_size)
+        self.heads = int(cfg.num_attention_heads)
+        self.word = emb.word_embeddings.weight
+        self.pos = emb.position_embeddings.weight
+        self.type0 = emb.token_type_embeddings.weight[0]
+        self.emb_ln = (emb.LayerNorm.weight, emb.LayerNorm.bias, float(emb.LayerNorm.eps))
+        self.layers = []
+        for layer in model.encoder.layer:
+            att, out = layer.attention.self, layer.attention.output
+            qkv_w = torch.cat([att.query.weight, att.key.weight, att.value.weight], 0).contiguous()
+            qkv_b = torch.cat([att.query.bias, att.key.bias, att.value.bias], 0).contiguous()
+            self.layers.append(
+                (
+                    qkv_w,
+                    qkv_b,
+                    out.dense.weight,
+                    out.dense.bias,
+                    (out.LayerNorm.weight, out.LayerNorm.bias, float(out.LayerNorm.eps)),
+                    layer.intermediate.dense.weight,
+                    layer.intermediate.dense.bias,
+                    layer.output.dense.weight,
+                    layer.output.dense.bias,
+                    (
+                        layer.output.LayerNorm.weight,
+                        layer.output.LayerNorm.bias,
+                        float(layer.output.LayerNorm.eps),
+                    ),
+                )
+            )
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        cfg = getattr(model, "config", None)
+        return (
+            cfg is not None
+            and getattr(cfg, "model_type", "") == "bert"
+            and getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute")
+            and getattr(cfg, "hidden_act", "") == "gelu"
+            and not getattr(cfg, "is_decoder", False)
+            and hasattr(model, "embeddings")
+            and hasattr(model, "encoder")
+        )
+
+    def __call__(self, ids: Any, mask: Any) -> Any:
+        """ids (B, L) int, mask (B, 1, 1, L) bool (True = attend) -> last hidden state (B, L, H)."""
+        import torch.nn.functional as F  # noqa: N812
+
+        b, length = ids.shape
+        h, nh = self.hidden, self.heads
+        x = F.embedding(ids, self.word) + (self.pos[:length] + self.type0)
+        x = F.layer_norm(x, (h,), *self.emb_ln[:2], eps=self.emb_ln[2])
+        for qkv_w, qkv_b, o_w, o_b, ln1, i_w, i_b, f_w, f_b, ln2 in self.layers:
+            q, k, v = (
+                F.linear(x, qkv_w, qkv_b).view(b, length, 3, nh, h // nh).permute(2, 0, 3, 1, 4).unbind(0)
+            )
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            a = a.transpose(1, 2).reshape(b, length, h)
+            x = F.layer_norm(F.linear(a, o_w, o_b) + x, (h,), ln1[0], ln1[1], eps=ln1[2])
+            y = F.linear(F.gelu(F.linear(x, i_w, i_b)), f_w, f_b)
+            x = F.layer_norm(y + x, (h,), ln2[0], ln2[1], eps=ln2[2])
+        return x
+
+
 # ------------------------------------------------------------------------------------------------- backend
 
 
@@ -299,6 +395,7 @@ class LocalBackend(Backend):
             "wait_ms": 0,
             "gpu_ms": 0,
             "tokenizer_workers": 0,
+            "graphs": 0,
         }
         self._stats_lock = threading.Lock()
         # filled by _load
@@ -314,6 +411,12 @@ class LocalBackend(Backend):
         self._multiple = 1
         self._max_rows = 256
         self._mask4d = False
+        self._min_tokens = 0
+        self._lean: LeanBert | None = None
+        self._graphs_on = False
+        self._graphs: dict[tuple[int, int], Any] = {}
+        self._graph_pool: Any = None
+        self.lean = True  # use LeanBert when it applies and agrees with transformers (tests turn it off)
 
     # ---- set-up
 
@@ -380,16 +483,23 @@ class LocalBackend(Backend):
             max_batch = self.batch_size or 1024
             in_flight = 1
         self.token_budget = self.token_budget or default_budget
+        # merge only tiny batches (a bucket's last few texts): each batch costs a launch, each merge padding
+        self._min_tokens = self.token_budget // 32 if self._cuda else 0
         if self.batch_size:
             self._max_rows = min(self._max_rows, self.batch_size)
         self._stats["load_ms"] = int((time.perf_counter() - t0) * 1000)
         if self._model is not None:
             self._check_mask4d()
+            self._check_lean()
             workers = self.tokenizer_workers
             if workers is None:
                 workers = default_tokenizer_workers(self._cuda)
             if workers > 0:
                 self._start_pool(workers)
+        if self._cuda and self._lean is not None:
+            env = os.environ.get("TWEET_EMBED_CUDA_GRAPHS")
+            # on by default for small models, whose batches are launch-bound; large ones keep the GPU busy anyway
+            self._graphs_on = env == "1" if env in ("0", "1") else self._dim <= 512
         if self._cuda and self.warmup and self._model is not None:
             self._warm_up()
         # extra goes into every shard's metadata: only what is the same on every device of a run
@@ -523,6 +633,30 @@ class LocalBackend(Backend):
         get_dim: Any = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
         self._dim = int(get_dim())
 
+    def _check_lean(self) -> None:
+        """Switch to :class:`LeanBert` when the model is a plain BERT and both forwards agree."""
+        torch = self._torch
+        if not (self.lean and LeanBert.supports(self._model)):
+            return
+        g = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(1000, 20000, (3, 24), generator=g, dtype=torch.int32).to(self._device)
+        lens = torch.tensor([24, 9, 1], dtype=torch.int32, device=self._device)
+        try:
+            with torch.inference_mode():
+                ref = self._forward(ids, lens)
+                self._lean = LeanBert(self._model)
+                got = self._forward(ids, lens)
+            tol = 5e-3 if self._dtype_is_half() else 1e-4
+            if not torch.allclose(got, ref, atol=tol, rtol=tol):
+                log.warning("lean BERT forward differs from transformers': using transformers'")
+                self._lean = None
+        except Exception as exc:  # noqa: BLE001 - any surprise: keep the transformers forward
+            log.warning("lean BERT forward unavailable (%s): using transformers'", exc)
+            self._lean = None
+
+    def _dtype_is_half(self) -> bool:
+        return next(self._model.parameters()).dtype != self._torch.float32
+
     def _start_pool(self, workers: int) -> None:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -553,24 +687,76 @@ class LocalBackend(Backend):
                 rows = rows_for(length, self.token_budget, self._max_rows)
                 ids = torch.randint(1000, 30000, (rows, length), generator=g, dtype=torch.int32)
                 lens = torch.full((rows,), length, dtype=torch.int32)
-                self._forward(ids.to(self._device), lens.to(self._device))
+                self._run_batch(ids.pin_memory(), lens.pin_memory())
             torch.cuda.synchronize(self._device)
         self._stats["warmup_ms"] = int((time.perf_counter() - t0) * 1000)
 
     # ---- the pipeline
+
+    def _run_batch(self, ids: Any, lens: Any) -> Any:
+        """One batch on the GPU from pinned host arrays: eager, or a CUDA graph replay for this shape.
+
+        Why graphs: a small model's batch is a few milliseconds of GPU work but as long again of Python
+        launching a hundred kernels; a replay launches them all at once. One graph per (rows, length) shape,
+        all sharing one memory pool: safe because every replay and the copy of its output run in order on one
+        stream, under the lock.
+        """
+        torch = self._torch
+        if not self._graphs_on:
+            return self._forward(
+                ids.to(self._device, non_blocking=True), lens.to(self._device, non_blocking=True)
+            )
+        key = (int(ids.shape[0]), int(ids.shape[1]))
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(key)
+            except Exception as exc:  # noqa: BLE001 - graphs are an optimisation: fall back to eager
+                log.warning("CUDA graph capture failed (%s); running eagerly from now on", exc)
+                self._graphs_on = False
+                torch.cuda.synchronize(self._device)
+                return self._run_batch(ids, lens)
+            self._graphs[key] = entry
+        graph, s_ids, s_lens, s_out = entry
+        s_ids.copy_(ids, non_blocking=True)
+        s_lens.copy_(lens, non_blocking=True)
+        graph.replay()
+        return s_out
+
+    def _capture(self, key: tuple[int, int]) -> tuple[Any, Any, Any, Any]:
+        torch = self._torch
+        rows, length = key
+        s_ids = torch.full((rows, length), 1000, dtype=torch.int32, device=self._device)
+        s_lens = torch.full((rows,), length, dtype=torch.int32, device=self._device)
+        side = torch.cuda.Stream(self._device)
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(s_ids, s_lens)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            s_out = self._forward(s_ids, s_lens)
+        self._stats["graphs"] += 1
+        return graph, s_ids, s_lens, s_out
 
     def _forward(self, ids: Any, lens: Any) -> Any:
         """ids (B, L) int32 and lengths (B,) on the device -> pooled (and normalised) float32 (B, d)."""
         torch = self._torch
         length = ids.shape[1]
         mask = torch.arange(length, device=ids.device)[None, :] < lens[:, None]
-        if self._mask4d:
-            # a ready 4-D mask skips transformers' "is anything padded?" check, a host sync per batch that
-            # would stop the CPU from queueing the next batches while the GPU works
-            attn = mask[:, None, None, :]
+        if self._lean is not None:
+            hidden = self._lean(ids, mask[:, None, None, :])
         else:
-            attn = mask.to(torch.int64)
-        hidden = self._model(input_ids=ids, attention_mask=attn).last_hidden_state
+            if self._mask4d:
+                # a ready 4-D mask skips transformers' "is anything padded?" check, a host sync per batch that
+                # would stop the CPU from queueing the next batches while the GPU works
+                attn = mask[:, None, None, :]
+            else:
+                attn = mask.to(torch.int64)
+            hidden = self._model(input_ids=ids, attention_mask=attn).last_hidden_state
         if self._pooling == "cls":
             pooled = hidden[:, 0].float()
         else:
@@ -628,7 +814,12 @@ class LocalBackend(Backend):
         order = np.argsort(lengths, kind="stable")
         assert self.token_budget is not None
         batches = plan_batches(
-            lengths[order], self.token_budget, self._max_rows, self._multiple, self._max_len
+            lengths[order],
+            self.token_budget,
+            self._max_rows,
+            self._multiple,
+            self._max_len,
+            self._min_tokens,
         )
         t1 = time.perf_counter()
         padded = sum((e - s) * length for s, e, length in batches)
@@ -647,9 +838,7 @@ class LocalBackend(Backend):
                         lens_np[: e - s] = lengths[rows]
                         ids = torch.from_numpy(ids_np).pin_memory()
                         lens = torch.from_numpy(lens_np).pin_memory()
-                        out = self._forward(
-                            ids.to(self._device, non_blocking=True), lens.to(self._device, non_blocking=True)
-                        )
+                        out = self._run_batch(ids, lens)
                         host[s:e].copy_(out[: e - s], non_blocking=True)
                     done = torch.cuda.Event(enable_timing=True)
                     done.record()
@@ -708,6 +897,8 @@ class LocalBackend(Backend):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        self._graphs.clear()
+        self._graph_pool = None
         self._model = None
         self._st = None
         torch = self._torch
