@@ -105,3 +105,20 @@ def test_nothing_to_verify_is_a_clear_error(tmp_path):
     r = run_cli("verify", str(tmp_path / "missing.jsonl"), "--work-dir", str(tmp_path))
     assert r.returncode == 2 and "not found" in r.stderr
     assert not os.path.exists(tmp_path / "none")
+
+
+def test_hash_buckets_give_the_same_answer(tmp_path):
+    """Large inputs are compared one hash bucket at a time; counts and examples must not depend on it."""
+    inp = tmp_path / "in.jsonl"
+    ids = write_input(inp, 200)
+    shards = str(tmp_path / "shards")
+    write_shards(
+        shards, [ids[:90], ids[95:] + ids[10:14] + ["ghost1", "ghost2"]]
+    )  # 5 missing, 4 dup, 2 extra
+    reports = [verify([str(inp)], shards_dir=shards, buckets=b, examples=3) for b in (1, 3, 7)]
+    for rep in reports:
+        assert (rep.missing.count, rep.duplicated.count, rep.extra.count) == (5, 4, 2)
+        assert rep.input_ids == 200 and rep.input_repeated_ids == 1 and rep.output_rows == 201
+        assert rep.missing.examples == sorted(ids[90:95])[:3]
+        assert rep.duplicated.examples == sorted(ids[10:14])[:3]
+        assert rep.extra.examples == ["ghost1", "ghost2"]

@@ -27,12 +27,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .chunks import Plan, iter_chunk_bytes, make_plan
-from .consolidate import OUTPUT_RE, duckdb_connect, list_shards, read_manifest, sql_list
+from .consolidate import OUTPUT_RE, duckdb_connect, list_shards, read_manifest
 from .parquet import META_PREFIX, file_sha256
 from .records import parse_lines
 from .worker import ChunkOptions, read_block
 
 ID_BATCH = 1_000_000
+BUCKET_IDS = 4_000_000  # ids per hash bucket compared at once
 VERIFY_CHUNK_LINES = 50_000
 
 
@@ -184,6 +185,15 @@ def iter_input_ids(
             yield pending.popleft().result()
 
 
+def _insert_bucketed(con, table: str, ids: pa.Array, buckets: int) -> None:  # type: ignore[no-untyped-def]
+    """Append ids with their bucket ``hash(id) % buckets``, sorted by bucket so each bucket's rows cluster."""
+    con.register("id_batch", pa.table({"id": ids}))
+    con.execute(
+        f"INSERT INTO {table} SELECT id, (hash(id) % {int(buckets)})::USMALLINT AS b FROM id_batch ORDER BY b"
+    )
+    con.unregister("id_batch")
+
+
 def _load_input_ids(  # type: ignore[no-untyped-def]
     con,
     plan: Plan,
@@ -192,15 +202,14 @@ def _load_input_ids(  # type: ignore[no-untyped-def]
     report: VerifyReport,
     examples: int,
     workers: int | None,
+    buckets: int,
 ) -> None:
-    con.execute("CREATE TABLE input_raw (id VARCHAR)")
+    con.execute("CREATE TABLE input_raw (id VARCHAR, b USMALLINT)")
     buf: list[str] = []
 
     def flush() -> None:
         if buf:
-            con.register("id_batch", pa.table({"id": pa.array(buf, pa.string())}))
-            con.execute("INSERT INTO input_raw SELECT id FROM id_batch")
-            con.unregister("id_batch")
+            _insert_bucketed(con, "input_raw", pa.array(buf, pa.string()), buckets)
             report.input_lines_valid += len(buf)
             buf.clear()
 
@@ -211,6 +220,49 @@ def _load_input_ids(  # type: ignore[no-untyped-def]
         if len(buf) >= ID_BATCH:
             flush()
     flush()
+
+
+def _load_output_ids(con, files: Sequence[str], buckets: int) -> None:  # type: ignore[no-untyped-def]
+    con.execute("CREATE TABLE out_raw (id VARCHAR, b USMALLINT)")
+    for p in files:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=ID_BATCH, columns=["id"]):
+            _insert_bucketed(con, "out_raw", batch.column(0), buckets)
+
+
+def _compare_buckets(con, buckets: int, report: VerifyReport, examples: int) -> None:  # type: ignore[no-untyped-def]
+    """Exact set comparisons one hash bucket at a time: each query holds ~BUCKET_IDS ids, whatever the total.
+
+    (One DISTINCT over 100M string ids ran DuckDB out of memory at a 1 GB limit; per-bucket work never does.)
+    """
+    found: dict[str, list[str]] = {"missing": [], "extra": [], "duplicated": []}
+    counts = dict.fromkeys(found, 0)
+    queries = {
+        "missing": "SELECT DISTINCT i.id FROM ins i ANTI JOIN outs o ON i.id = o.id",
+        "extra": "SELECT DISTINCT o.id FROM outs o ANTI JOIN ins i ON o.id = i.id",
+        "duplicated": "SELECT id FROM outs GROUP BY id HAVING count(*) > 1",
+    }
+    for k in range(buckets):
+        ins = f"(SELECT id FROM input_raw WHERE b = {k})"
+        outs = f"(SELECT id FROM out_raw WHERE b = {k})"
+        n_ids, n_rep = con.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE c > 1) FROM (SELECT id, count(*) AS c FROM {ins} GROUP BY id)"
+        ).fetchone()
+        report.input_ids += int(n_ids)
+        report.input_repeated_ids += int(n_rep)
+        for name, sql in queries.items():
+            con.execute(f"CREATE OR REPLACE TEMP TABLE found AS WITH ins AS {ins}, outs AS {outs} {sql}")
+            (n,) = con.execute("SELECT count(*) FROM found").fetchone()
+            counts[name] += int(n)
+            if n:
+                found[name] += [
+                    r[0] for r in con.execute(f"SELECT id FROM found ORDER BY id LIMIT {examples}").fetchall()
+                ]
+    for name, finding in (
+        ("missing", report.missing),
+        ("extra", report.extra),
+        ("duplicated", report.duplicated),
+    ):
+        finding.add(counts[name], sorted(found[name])[:examples], examples)
 
 
 def _check_vectors(
@@ -259,6 +311,7 @@ def verify(
     memory_limit: str = "1GB",
     temp_dir: str | None = None,
     workers: int | None = None,
+    buckets: int | None = None,
 ) -> VerifyReport:
     """Check the output (or shards) against the input; see the module doc."""
     plan = make_plan(list(inputs), chunk_lines=VERIFY_CHUNK_LINES)  # validates the inputs first
@@ -302,37 +355,16 @@ def verify(
     report.dim = min(dims) if dims else None
     present = [p for p in files if os.path.exists(p)]
 
+    n_lines = sum(f.lines for f in plan.files)
+    p_buckets = buckets or max(1, -(-n_lines // BUCKET_IDS))
     tmp = tempfile.mkdtemp(prefix="tweet-embed-verify-", dir=temp_dir)
     try:
         con = duckdb_connect(os.path.join(tmp, "spill"), memory_limit, path=os.path.join(tmp, "ids.duckdb"))
         try:
-            _load_input_ids(con, plan, id_field, text_field, report, examples, workers)
-            con.execute("CREATE TABLE in_ids AS SELECT DISTINCT id FROM input_raw")
-            (report.input_ids,) = con.execute("SELECT count(*) FROM in_ids").fetchone()  # type: ignore[misc]
-            (report.input_repeated_ids,) = con.execute(
-                "SELECT count(*) FROM (SELECT id FROM input_raw GROUP BY id HAVING count(*) > 1)"
-            ).fetchone()  # type: ignore[misc]
-            con.execute("DROP TABLE input_raw")
-            if present:
-                con.execute(
-                    f"CREATE TABLE out_ids AS SELECT id FROM read_parquet({sql_list(present)}, "
-                    "hive_partitioning=false)"
-                )
-            else:
-                con.execute("CREATE TABLE out_ids (id VARCHAR)")
-            (report.output_rows,) = con.execute("SELECT count(*) FROM out_ids").fetchone()  # type: ignore[misc]
-            for finding, sql in (
-                (report.missing, "SELECT i.id FROM in_ids i ANTI JOIN out_ids o ON i.id = o.id"),
-                (report.extra, "SELECT DISTINCT o.id FROM out_ids o ANTI JOIN in_ids i ON o.id = i.id"),
-                (report.duplicated, "SELECT id FROM out_ids GROUP BY id HAVING count(*) > 1"),
-            ):
-                con.execute(f"CREATE OR REPLACE TEMP TABLE found AS {sql}")
-                (n,) = con.execute("SELECT count(*) FROM found").fetchone()  # type: ignore[misc]
-                ex = [
-                    r[0]
-                    for r in con.execute(f"SELECT id FROM found ORDER BY id LIMIT {int(examples)}").fetchall()
-                ]
-                finding.add(int(n), ex, examples)
+            _load_input_ids(con, plan, id_field, text_field, report, examples, workers, p_buckets)
+            _load_output_ids(con, present, p_buckets)
+            (report.output_rows,) = con.execute("SELECT count(*) FROM out_raw").fetchone()  # type: ignore[misc]
+            _compare_buckets(con, p_buckets, report, examples)
         finally:
             con.close()
     finally:
