@@ -197,9 +197,10 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     print("load into BigQuery (embedding becomes ARRAY<FLOAT64>):", file=out)
     print(f"  {upload_command(out_dir, args.gcs_prefix)}", file=out)
     print(f"  {bq_load_command(m, args.bq_table, args.gcs_prefix)}", file=out)
-    if len(m["files"]) > 10_000:
+    if len(m["files"]) > 10_000 or res.bytes_out > 15 * 10**12:
         print(
-            "  note: more than 10,000 files; a load job takes at most 10,000 URIs (a wildcard counts once)",
+            "  note: a load job takes at most 10,000 source URIs and 15 TB; split the files over several jobs "
+            "(e.g. 'embeddings-000*.parquet', 'embeddings-001*.parquet', ...)",
             file=out,
         )
     return 0
