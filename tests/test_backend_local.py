@@ -234,6 +234,30 @@ def test_tokenizer_processes_give_the_same_ids_and_vectors(minilm):
     assert pooled._pool is None
 
 
+def _daemon_child(out):  # runs in a daemonic spawned process, like a per-device worker
+    b = LocalBackend("random:L2-H64", device="cpu", tokenizer_workers=2)
+    run(b.start())
+    vecs = run(b.embed([f"tweet number {i}" for i in range(600)]))
+    out.put((b.stats()["tokenizer_workers"], vecs.shape))
+    run(b.close())
+
+
+def test_daemonic_process_tokenizes_in_place():
+    """Device workers are daemonic and may not start tokenizer processes: the backend still works."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_daemon_child, args=(out,), daemon=True)
+    p.start()
+    try:
+        workers, shape = out.get(timeout=300)
+    finally:
+        p.join(timeout=60)
+    assert p.exitcode == 0
+    assert workers == 0 and shape == (600, 64)
+
+
 def test_normalize_false_gives_raw_mean_pooling():
     b = LocalBackend(device="cpu", normalize=False)
     info = run(b.start())

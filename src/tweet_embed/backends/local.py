@@ -416,6 +416,7 @@ class LocalBackend(Backend):
         self._graphs_on = False
         self._graphs: dict[tuple[int, int], Any] = {}
         self._graph_pool: Any = None
+        self._capture_stream: Any = None
         self.lean = True  # use LeanBert when it applies and agrees with transformers (tests turn it off)
 
     # ---- set-up
@@ -661,6 +662,11 @@ class LocalBackend(Backend):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        if mp.current_process().daemon:
+            # a daemonic process (e.g. a device worker) may not have children: tokenize in this process
+            log.info("daemonic process: tokenizing in this process (Rust threads)")
+            return
+        pool = None
         try:
             pool = ProcessPoolExecutor(
                 workers,
@@ -670,8 +676,10 @@ class LocalBackend(Backend):
             )
             # start every worker now (interpreter start, imports), not inside the first call
             list(pool.map(_tok_encode, [["warm up"]] * (2 * workers)))
-        except Exception as exc:  # noqa: BLE001 - e.g. inside a daemonic process: tokenize in threads
+        except Exception as exc:  # noqa: BLE001 - no processes to be had: tokenize in this process
             log.warning("tokenizer processes unavailable (%s); tokenizing in this process", exc)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
             return
         self._pool = pool
         self._stats["tokenizer_workers"] = workers
@@ -724,21 +732,28 @@ class LocalBackend(Backend):
         return s_out
 
     def _capture(self, key: tuple[int, int]) -> tuple[Any, Any, Any, Any]:
+        """Capture the forward for one shape on a side stream (``capture_begin`` directly: the
+        ``torch.cuda.graph`` helper would synchronise the device, collect garbage and empty the cache)."""
         torch = self._torch
         rows, length = key
         s_ids = torch.full((rows, length), 1000, dtype=torch.int32, device=self._device)
         s_lens = torch.full((rows,), length, dtype=torch.int32, device=self._device)
-        side = torch.cuda.Stream(self._device)
-        side.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(s_ids, s_lens)
-        torch.cuda.current_stream(self._device).wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
+            self._capture_stream = torch.cuda.Stream(self._device)
+        side = self._capture_stream
+        main = torch.cuda.current_stream(self._device)
+        side.wait_stream(main)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            s_out = self._forward(s_ids, s_lens)
+        with torch.cuda.stream(side):
+            for _ in range(2):  # library handles and workspaces for this stream exist before the capture
+                self._forward(s_ids, s_lens)
+            graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+            try:
+                s_out = self._forward(s_ids, s_lens)
+            finally:
+                graph.capture_end()
+        main.wait_stream(side)
         self._stats["graphs"] += 1
         return graph, s_ids, s_lens, s_out
 
