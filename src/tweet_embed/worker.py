@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,9 @@ async def embed_texts(
             return
         out[lo:hi] = vecs
 
-    tasks = [asyncio.ensure_future(run(lo, hi)) for lo, hi in make_batches(texts, info.max_batch)]
+    # the character cap protects HTTP bodies; an in-process model takes whole token-budgeted calls
+    max_chars = MAX_BATCH_CHARS if info.kind != "local" else sys.maxsize
+    tasks = [asyncio.ensure_future(run(lo, hi)) for lo, hi in make_batches(texts, info.max_batch, max_chars)]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

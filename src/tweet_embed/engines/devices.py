@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 import traceback
@@ -53,8 +54,14 @@ def _worker_main(index: int, device: str, spec: BackendSpec, dirs: WorkDirs, pla
         info = loop.run_until_complete(backend.start())
         metadata = {**info.metadata(), "version": version}
         results.put(("ready", index, info.model, info.dim, info.normalize))
+        parent = os.getppid()
         while True:
-            item = tasks.get()
+            try:
+                item = tasks.get(timeout=POLL * 4)
+            except queue.Empty:
+                if os.getppid() != parent:  # the parent died (kill -9): do not hold a GPU as an orphan
+                    return
+                continue
             if item is None:
                 break
             chunk, payload = item
@@ -80,10 +87,14 @@ class DevicePool:
                  opts: dict[str, Any], version: str) -> None:
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         self.devices = devices
+        # Not daemonic: the local backend tokenizes in child processes of its own, which daemonic processes
+        # may not have. Share the cores: two per device stay for the device worker and the parent.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        self.tokenizer_workers = max(2, (cores - 2 * len(devices)) // len(devices))
         self.tasks = ctx.Queue(maxsize=2 * len(devices))
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker_main, name=f"tweet-embed-{d}", daemon=True,
+            ctx.Process(target=_worker_main, name=f"tweet-embed-{d}", daemon=False,
                         args=(i, d, spec, dirs, plan, opts, version, self.tasks, self.results))
             for i, d in enumerate(devices)
         ]
@@ -91,8 +102,15 @@ class DevicePool:
         self.finished: set[int] = set()
 
     def start(self) -> None:
-        for p in self.procs:
-            p.start()
+        key = "TWEET_EMBED_TOKENIZER_WORKERS"
+        saved = os.environ.get(key)
+        os.environ.setdefault(key, str(self.tokenizer_workers))  # spawned children inherit the environment
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            if saved is None:
+                os.environ.pop(key, None)
 
     def _dead(self) -> str | None:
         for i, p in enumerate(self.procs):
