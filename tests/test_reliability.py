@@ -263,8 +263,6 @@ def test_all_servers_down_waits_then_exits_naming_them_and_resumes_later(tmp_pat
             "150",
             "--max-retry-time",
             "3",
-            "--request-timeout",
-            "2",
         ]
         proc = start_cli(str(tmp_path / "log"), *args)
         wait_for(lambda: count_done(work) >= 3 or proc.poll() is not None, what="three chunks")
