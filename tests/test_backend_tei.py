@@ -20,7 +20,10 @@ TEXTS = [f"tweet {i}: coffee, rain and a 🔥 derby" for i in range(300)]
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
-def test_vectors_exact_with_every_pool_size(workers) -> None:
+def test_vectors_exact_with_every_pool_size(workers, monkeypatch) -> None:
+    from tweet_embed import decode
+
+    monkeypatch.setattr(decode, "PROCESS_MIN_BYTES", 0)
     with TEIServer(dim=DIM, max_client_batch_size=25) as srv:
         backend = TEIBackend([srv.url], workers=workers, normalize=False)
 
@@ -43,7 +46,10 @@ def test_vectors_exact_with_every_pool_size(workers) -> None:
         assert srv.counters["max_batch"] == 25
 
 
-def test_bad_answers_are_retried_through_the_process_pool() -> None:
+def test_bad_answers_are_retried_through_the_process_pool(monkeypatch) -> None:
+    from tweet_embed import decode
+
+    monkeypatch.setattr(decode, "PROCESS_MIN_BYTES", 0)  # these small answers would stay in a thread
     with TEIServer(dim=DIM) as srv:
         backend = TEIBackend([srv.embed_url], workers=2)
 

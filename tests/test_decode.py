@@ -154,7 +154,8 @@ def test_fast_path_survives_an_error_in_the_middle(path) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
-def test_pool_same_answers_and_errors_in_threads_and_processes(workers) -> None:
+def test_pool_same_answers_and_errors_in_threads_and_processes(workers, monkeypatch) -> None:
+    monkeypatch.setattr(decode, "PROCESS_MIN_BYTES", 0)  # small bodies would stay in a thread
     v = vectors(32, 64)
 
     async def go() -> None:
@@ -224,6 +225,7 @@ def _alive(pid: int) -> bool:
 
 def test_pool_bodies_larger_than_a_slot_are_pickled(monkeypatch) -> None:
     monkeypatch.setattr(decode, "SLOT_BYTES", 3000)
+    monkeypatch.setattr(decode, "PROCESS_MIN_BYTES", 0)
     big, small = vectors(32, 64), vectors(1, 8)
 
     async def go() -> None:
@@ -242,5 +244,30 @@ def test_pool_bodies_larger_than_a_slot_are_pickled(monkeypatch) -> None:
         finally:
             pool.close()
         assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+
+    asyncio.run(go())
+
+
+def test_small_bodies_stay_in_a_thread_large_ones_go_to_a_process(monkeypatch) -> None:
+    seen: list[str] = []
+
+    async def go() -> None:
+        pool = DecodePool(2)
+        await pool.start()
+        orig = pool._decode_in_slot
+
+        async def spy(*a):
+            seen.append("process")
+            return await orig(*a)
+
+        monkeypatch.setattr(pool, "_decode_in_slot", spy)
+        try:
+            small, large = vectors(2, 16), vectors(32, 1024)  # ~0.4 KB and ~400 KB of JSON
+            assert np.array_equal(await pool.decode("embed_json", tei_body(small), 2, 16), small)
+            assert seen == []
+            assert np.array_equal(await pool.decode("embed_json", tei_body(large), 32, 1024), large)
+            assert seen == ["process"]
+        finally:
+            pool.close()
 
     asyncio.run(go())

@@ -9,8 +9,9 @@ GPU serves. Here:
   body is malformed (the slow path then gives the precise error).
 * base64 (``encoding_format: "base64"`` of ``/v1/embeddings``) is decoded with pybase64 (SIMD, releases
   the GIL), falling back to :mod:`binascii`.
-* :class:`DecodePool` runs JSON-float decoding in worker *processes* (simdjson and orjson hold the GIL, so
-  threads would not scale) and base64 decoding in threads (cheaper than shipping the body to a process).
+* :class:`DecodePool` runs JSON-float decoding of large bodies in worker *processes* (simdjson and orjson hold
+  the GIL, so threads would not scale), bodies and vectors passing through shared memory, and the rest
+  (base64, small bodies) in one thread, where it costs less than the hand-over to a process.
   Sized by ``--workers`` (default: all cores).
 
 Every decoder validates what it returns: the number of vectors, one dimension for all, finite values, and
@@ -270,6 +271,10 @@ def _run(kind: str, body: bytes, n: int, dim: int | None) -> np.ndarray:
 # pickling them through the executor's pipes cost more CPU than the decoding itself (64 KiB pipe writes
 # and reads, ping-ponging between processes, several copies).
 SLOT_BYTES = 4 << 20  # larger bodies are pickled
+# Handing a body to a process costs the event loop's process ~0.4 ms whatever its size; decoding JSON floats
+# here costs ~2 µs per KB. Below this size a thread of this process is cheaper overall (32 vectors at 384
+# dimensions are ~150 KB, at 1,024 ~400 KB).
+PROCESS_MIN_BYTES = 256 << 10
 _attached: dict[str, Any] = {}  # in a decode process: slot name → SharedMemory, attached once
 
 
@@ -321,7 +326,8 @@ def _worker_init(parent: int) -> None:
 
 class DecodePool:
     """Where decoding runs. ``workers`` = 0: inline (tests); 1: one thread; N > 1: N processes for JSON
-    floats (bodies and vectors pass through shared-memory slots) and N threads for base64.
+    float bodies of ``PROCESS_MIN_BYTES`` or more (bodies and vectors pass through shared-memory slots), one
+    thread for the rest (base64, small bodies).
 
     Processes start with ``spawn`` (safe with the event loop's threads) when the pool starts, so the first
     batches do not pay for it. As with any ``spawn`` pool, a script that runs one needs the
@@ -341,7 +347,8 @@ class DecodePool:
 
     async def start(self) -> None:
         if self.workers >= 1:
-            self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode")
+            # one thread: JSON parsing holds the GIL, and more threads only convoy on it (measured slower)
+            self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         if self.uses_processes:
             import multiprocessing
 
@@ -374,6 +381,8 @@ class DecodePool:
         if self.workers == 0 or (self._threads is None and self._procs is None):
             return _run(kind, body, n, dim)
         executor = self.executor(kind)
+        if executor is self._procs and len(body) < PROCESS_MIN_BYTES:
+            executor = self._threads  # cheaper to decode here than to hand over to a process
         if executor is self._procs and self._free is not None and len(body) <= SLOT_BYTES:
             return await self._decode_in_slot(kind, body, n, dim)
         loop = asyncio.get_running_loop()
