@@ -116,7 +116,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip re-hashing output files against the manifest",
     )
-    p.add_argument("--memory-limit", default="1GB", help="DuckDB memory (spills to --temp-dir beyond)")
+    p.add_argument(
+        "--memory-limit",
+        default="512MB",
+        help="DuckDB memory (spills to --temp-dir beyond; the process peaks at about 2.3x this)",
+    )
     p.add_argument("--temp-dir", help="where DuckDB keeps the id tables (default: the system temp dir)")
     p.set_defaults(func=cmd_verify)
 

@@ -308,7 +308,7 @@ def verify(
     text_field: str = "text",
     examples: int = 10,
     checksums: bool = True,
-    memory_limit: str = "1GB",
+    memory_limit: str = "512MB",
     temp_dir: str | None = None,
     workers: int | None = None,
     buckets: int | None = None,
