@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--memory-limit",
         default="512MB",
-        help="DuckDB memory (spills to --temp-dir beyond; the process peaks at about 2.3x this)",
+        help="DuckDB memory (spills to --temp-dir beyond it)",
     )
     p.add_argument("--temp-dir", help="where DuckDB keeps the id tables (default: the system temp dir)")
     p.set_defaults(func=cmd_verify)
