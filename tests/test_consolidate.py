@@ -421,3 +421,29 @@ def test_keep_text_from_parquet_input(tmp_path):
     C.consolidate(shards, str(tmp_path / "out"), keep_text=[str(inp)])
     t = read_out(str(tmp_path / "out"))
     assert t.column("text").to_pylist() == ["alpha", "beta", "gamma"]
+
+
+def test_duplicate_search_by_hash_buckets_matches_single_pass(tmp_path):
+    shards = str(tmp_path / "shards")
+    ids = [[f"d{(s * 37 + r * 11) % 500}" for r in range(120)] for s in range(6)]  # many repeats
+    write_shards(shards, ids)
+    infos, _, _ = C.scan_shards(C.list_shards(shards))
+    results = []
+    for b in (1, 4, 9):
+        path = str(tmp_path / f"drops{b}.parquet")
+        dd = C.find_duplicates(infos, path, str(tmp_path / f"t{b}"), "256MB", buckets=b)
+        results.append((dd.dropped, dd.ids, dd.examples, pq.read_table(path).to_pylist()))
+    assert results[0] == results[1] == results[2]
+    flat = [i for s in ids for i in s]
+    assert results[0][0] == len(flat) - len(set(flat))
+
+
+def test_check_before_delete_finds_an_id_missing_from_the_output(tmp_path):
+    shards = str(tmp_path / "shards")
+    write_shards(shards, [["a", "b"], ["c"]])
+    out = str(tmp_path / "out")
+    m = C.consolidate(shards, out).manifest
+    assert C.check_consolidated(out, m, C.list_shards(shards)) == []
+    write_shards(str(tmp_path / "more"), [["a", "b"], ["c", "zz"]])
+    problems = C.check_consolidated(out, m, C.list_shards(str(tmp_path / "more")))
+    assert any("not in the output" in p and "zz" in p for p in problems)

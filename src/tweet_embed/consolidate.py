@@ -69,6 +69,8 @@ BIGQUERY_MIN_ROW_GROUP = 16 * MIB
 # Metadata that must agree across shards; other keys (device, dtype, version) are taken from the first shard.
 IDENTITY_KEYS = ("backend", "model", "dim", "normalize")
 EXAMPLES = 10
+ID_BATCH = 1_000_000  # ids per insert into DuckDB
+BUCKET_IDS = 4_000_000  # ids deduplicated at once (hash buckets)
 # Values handed to the Parquet column writer at once (default 1024): fewer per-batch overheads make writing
 # 3-level lists about 1.5x faster; pages still close near the 1 MB page size (64k floats = 256 KB per batch).
 WRITE_BATCH_VALUES = 1 << 16
@@ -215,10 +217,13 @@ def duckdb_connect(
     """A DuckDB connection that spills to ``temp_dir`` instead of growing past ``memory_limit``."""
     import duckdb
 
+    if temp_dir:
+        os.makedirs(temp_dir, exist_ok=True)
+    if path != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     con = duckdb.connect(path)
     con.execute(f"SET memory_limit='{memory_limit}'")
     if temp_dir:
-        os.makedirs(temp_dir, exist_ok=True)
         con.execute(f"SET temp_directory='{_sql_str(temp_dir)}'")
     con.execute("SET preserve_insertion_order=false")
     con.execute(f"SET threads={int(threads or os.cpu_count() or 1)}")
@@ -241,28 +246,65 @@ class DedupeResult:
 
 
 def find_duplicates(
-    shards: Sequence[ShardInfo], drops_path: str, temp_dir: str, memory_limit: str
+    shards: Sequence[ShardInfo], drops_path: str, temp_dir: str, memory_limit: str, buckets: int | None = None
 ) -> DedupeResult:
     """Write the sorted (shard index, row) list of later occurrences of repeated ids to ``drops_path``.
 
-    First occurrence wins: order is shard name, then row inside the shard.
+    First occurrence wins: order is shard name, then row inside the shard. The ids (only that column) are
+    loaded once into an on-disk DuckDB table with their bucket ``hash(id) % P``; each bucket (about
+    ``BUCKET_IDS`` rows) is then deduplicated on its own, so memory does not depend on the total. (One GROUP BY
+    over 100M string ids ran DuckDB out of memory at a 1 GB limit.)
     """
-    con = duckdb_connect(os.path.join(temp_dir, "duckdb-tmp"), memory_limit)
+    total = sum(s.rows for s in shards)
+    p_buckets = buckets or max(1, -(-total // BUCKET_IDS))
+    work = os.path.join(temp_dir, "dedupe")
+    shutil.rmtree(work, ignore_errors=True)
+    con = duckdb_connect(os.path.join(work, "spill"), memory_limit, path=os.path.join(work, "ids.duckdb"))
     try:
-        con.execute("CREATE TEMP TABLE files(idx INTEGER, filename VARCHAR)")
-        con.executemany("INSERT INTO files VALUES (?, ?)", [(i, s.path) for i, s in enumerate(shards)])
-        src = (
-            f"read_parquet({sql_list([s.path for s in shards])}, filename=true, file_row_number=true, "
-            "hive_partitioning=false)"
-        )
-        con.execute(f"""
-            CREATE TEMP TABLE drops AS
-            WITH t AS (SELECT id, filename, file_row_number AS r FROM {src}),
-                 d AS (SELECT id FROM t GROUP BY id HAVING count(*) > 1),
-                 o AS (SELECT f.idx AS shard, t.r AS rownum, t.id,
-                              row_number() OVER (PARTITION BY t.id ORDER BY f.idx, t.r) AS rn
-                       FROM t SEMI JOIN d ON t.id = d.id JOIN files f ON f.filename = t.filename)
-            SELECT shard, rownum, id FROM o WHERE rn > 1""")
+        con.execute("CREATE TABLE ids (id VARCHAR, shard INTEGER, rownum BIGINT, b USMALLINT)")
+        pending: list[pa.Table] = []
+        n_pending = 0
+
+        def flush() -> None:
+            nonlocal pending, n_pending
+            if pending:
+                con.register("id_batch", pa.concat_tables(pending))
+                con.execute(
+                    f"INSERT INTO ids SELECT id, shard, rownum, (hash(id) % {p_buckets})::USMALLINT AS b "
+                    "FROM id_batch ORDER BY b"
+                )
+                con.unregister("id_batch")
+                pending, n_pending = [], 0
+
+        for si, sh in enumerate(shards):
+            offset = 0
+            for batch in pq.ParquetFile(sh.path).iter_batches(batch_size=ID_BATCH, columns=["id"]):
+                n = batch.num_rows
+                pending.append(
+                    pa.table(
+                        {
+                            "id": batch.column(0),
+                            "shard": pa.array(np.full(n, si, np.int32)),
+                            "rownum": pa.array(np.arange(offset, offset + n, dtype=np.int64)),
+                        }
+                    )
+                )
+                offset += n
+                n_pending += n
+                if n_pending >= ID_BATCH:
+                    flush()
+        flush()
+        con.execute("CREATE TABLE drops (shard INTEGER, rownum BIGINT, id VARCHAR)")
+        for k in range(p_buckets):
+            con.execute(f"""
+                INSERT INTO drops
+                WITH t AS (SELECT id, shard, rownum FROM ids WHERE b = {k}),
+                     d AS (SELECT id FROM t GROUP BY id HAVING count(*) > 1)
+                SELECT shard, rownum, id FROM (
+                    SELECT t.shard, t.rownum, t.id,
+                           row_number() OVER (PARTITION BY t.id ORDER BY t.shard, t.rownum) AS rn
+                    FROM t SEMI JOIN d ON t.id = d.id)
+                WHERE rn > 1""")
         dropped, nids = con.execute("SELECT count(*), count(DISTINCT id) FROM drops").fetchone()  # type: ignore[misc]
         examples = [
             r[0]
@@ -279,7 +321,7 @@ def find_duplicates(
         os.replace(tmp, drops_path)
     finally:
         con.close()
-        shutil.rmtree(os.path.join(temp_dir, "duckdb-tmp"), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return DedupeResult(int(dropped), int(nids), examples)
 
 
@@ -983,23 +1025,26 @@ def check_consolidated(
             problems.append(f"{f['name']}: row count differs from the manifest")
     if problems:
         return problems
-    tmp = os.path.join(out_dir, STAGING, "check-tmp")
-    con = duckdb_connect(tmp, memory_limit)
+    from .verify import VerifyReport, compare_buckets, load_parquet_ids
+
+    tmp = os.path.join(out_dir, STAGING, "check")
+    shutil.rmtree(tmp, ignore_errors=True)
+    p_buckets = max(1, -(-int(manifest["rows"]) // BUCKET_IDS))
+    con = duckdb_connect(os.path.join(tmp, "spill"), memory_limit, path=os.path.join(tmp, "ids.duckdb"))
     try:
-        out_src = f"read_parquet({sql_list(paths)}, hive_partitioning=false)"
-        n, nd = con.execute(f"SELECT count(*), count(DISTINCT id) FROM {out_src}").fetchone()  # type: ignore[misc]
+        load_parquet_ids(con, paths, p_buckets, "out_raw")
+        load_parquet_ids(con, list(shard_paths), p_buckets, "input_raw")  # the shards play the input
+        rep = VerifyReport(target="check")
+        compare_buckets(con, p_buckets, rep, EXAMPLES)
+        (n,) = con.execute("SELECT count(*) FROM out_raw").fetchone()  # type: ignore[misc]
         if n != manifest["rows"]:
             problems.append(f"output holds {n} rows, manifest says {manifest['rows']}")
-        if nd != n:
-            problems.append(f"output holds {n - nd} duplicated id rows")
-        if shard_paths:
-            shard_src = f"read_parquet({sql_list(list(shard_paths))}, hive_partitioning=false)"
-            (missing,) = con.execute(
-                f"SELECT count(*) FROM (SELECT DISTINCT id FROM {shard_src}) s ANTI JOIN "
-                f"(SELECT id FROM {out_src}) o ON s.id = o.id"
-            ).fetchone()  # type: ignore[misc]
-            if missing:
-                problems.append(f"{missing} shard id(s) are not in the output")
+        if rep.duplicated.count:
+            problems.append(f"{rep.duplicated.count} id(s) appear more than once in the output")
+        if rep.missing.count:
+            problems.append(
+                f"{rep.missing.count} shard id(s) are not in the output, e.g. {rep.missing.examples[:3]}"
+            )
     finally:
         con.close()
         shutil.rmtree(os.path.join(out_dir, STAGING), ignore_errors=True)

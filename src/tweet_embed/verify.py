@@ -222,14 +222,15 @@ def _load_input_ids(  # type: ignore[no-untyped-def]
     flush()
 
 
-def _load_output_ids(con, files: Sequence[str], buckets: int) -> None:  # type: ignore[no-untyped-def]
-    con.execute("CREATE TABLE out_raw (id VARCHAR, b USMALLINT)")
+def load_parquet_ids(con, files: Sequence[str], buckets: int, table: str = "out_raw") -> None:  # type: ignore[no-untyped-def]
+    """The ``id`` column of Parquet files into a bucketed DuckDB table (streamed, a batch at a time)."""
+    con.execute(f"CREATE TABLE {table} (id VARCHAR, b USMALLINT)")
     for p in files:
         for batch in pq.ParquetFile(p).iter_batches(batch_size=ID_BATCH, columns=["id"]):
-            _insert_bucketed(con, "out_raw", batch.column(0), buckets)
+            _insert_bucketed(con, table, batch.column(0), buckets)
 
 
-def _compare_buckets(con, buckets: int, report: VerifyReport, examples: int) -> None:  # type: ignore[no-untyped-def]
+def compare_buckets(con, buckets: int, report: VerifyReport, examples: int) -> None:  # type: ignore[no-untyped-def]
     """Exact set comparisons one hash bucket at a time: each query holds ~BUCKET_IDS ids, whatever the total.
 
     (One DISTINCT over 100M string ids ran DuckDB out of memory at a 1 GB limit; per-bucket work never does.)
@@ -362,9 +363,9 @@ def verify(
         con = duckdb_connect(os.path.join(tmp, "spill"), memory_limit, path=os.path.join(tmp, "ids.duckdb"))
         try:
             _load_input_ids(con, plan, id_field, text_field, report, examples, workers, p_buckets)
-            _load_output_ids(con, present, p_buckets)
+            load_parquet_ids(con, present, p_buckets)
             (report.output_rows,) = con.execute("SELECT count(*) FROM out_raw").fetchone()  # type: ignore[misc]
-            _compare_buckets(con, p_buckets, report, examples)
+            compare_buckets(con, p_buckets, report, examples)
         finally:
             con.close()
     finally:
