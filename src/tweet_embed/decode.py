@@ -36,7 +36,7 @@ import orjson
 try:  # optional accelerators (core dependencies, but the slow paths keep working without them)
     import simdjson as _simdjson
 except ImportError:  # pragma: no cover - exercised only without the wheel
-    _simdjson = None
+    _simdjson = None  # type: ignore[assignment]
 try:
     import pybase64 as _pybase64
 
@@ -286,7 +286,8 @@ def _run_slot(kind: str, name: str, size: int, n: int, dim: int | None) -> tuple
         from multiprocessing import shared_memory
 
         shm = _attached[name] = shared_memory.SharedMemory(name=name)
-    body = bytes(shm.buf[:size])
+    buf: Any = shm.buf
+    body = bytes(buf[:size])
     arr = DECODERS[kind](body, n, dim)
     if arr.nbytes > shm.size:
         return arr
