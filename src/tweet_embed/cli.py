@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        # Treat SIGTERM as Ctrl-C: inside asyncio.run that cancels the main task cleanly (asyncio's own
+        # SIGINT handling) instead of raising wherever the main thread happens to be.
+        signal.raise_signal(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, terminate)
     try:
