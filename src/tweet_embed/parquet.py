@@ -59,12 +59,17 @@ def read_metadata(path: str) -> dict[str, str]:
 
 
 def write_table(table: pa.Table, path: str) -> None:
-    """Write ``table`` to ``path`` (zstd, no dictionary for vectors) and fsync it."""
+    """Write ``table`` to ``path`` (ids zstd, vectors uncompressed and without dictionary) and fsync it.
+
+    Why vectors uncompressed: float32 embeddings barely compress (zstd level 1: 8% smaller at 1,024
+    dimensions) and zstd cost 0.116 s of CPU per 10k x 1,024 chunk against 0.073 s uncompressed, on the
+    client's one busy core. ``consolidate`` re-encodes the vectors with zstd for the final files anyway.
+    """
     pq.write_table(
         table,
         path,
-        compression="zstd",
-        compression_level=1,
+        compression={"id": "zstd", "embedding": "none"},
+        compression_level={"id": 1},
         use_dictionary=["id"],
         write_statistics=["id"],
         row_group_size=max(1, table.num_rows),

@@ -1,8 +1,8 @@
 """What TEI's ``/embed`` and OpenAI's ``/v1/embeddings`` clients share: the session, the pool, error mapping.
 
-The event loop only moves bytes: response bodies are decoded and validated by :mod:`tweet_embed.decode` in
-its :class:`~tweet_embed.decode.DecodePool` (``workers`` processes for JSON floats, threads for base64), so
-decoding scales with cores and never stalls sending. The API key goes out as ``Authorization: Bearer`` on
+Response bodies are decoded and validated by :mod:`tweet_embed.decode`'s
+:class:`~tweet_embed.decode.DecodePool`: large JSON-float bodies in ``workers`` processes when there are
+spare cores, the rest (base64, small bodies, or all on 2 cores) on the event loop, cheaper than any hand-over. The API key goes out as ``Authorization: Bearer`` on
 every request (TEI's ``--api-key`` and OpenAI-compatible servers) and is never logged or shown in ``repr``.
 """
 
@@ -67,7 +67,7 @@ class HTTPBackend(Backend):
         decode_executor: Executor | None = None,
         workers: int | None = None,
     ) -> None:
-        """``workers``: decode processes (None or 1: one thread; 0: on the loop, for tests); a given
+        """``workers``: decode processes (None, 0 or 1: none, decode on the loop); a given
         ``decode_executor`` runs every decode instead."""
         if not urls:
             raise ValueError("no server URL given")
