@@ -222,7 +222,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="client_ceiling.", dir="/tmp")
     record: dict[str, Any] = {
         "machine": {
-            "cpus": decode.default_workers(),
+            "cpus": decode.available_cores(),
             "python": platform.python_version(),
             "platform": platform.platform(),
             "loadavg_start": loadavg(),
