@@ -93,6 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--memory-limit", default="1GB", help="DuckDB memory for finding duplicates (spills beyond)"
     )
+    p.add_argument(
+        "--stage-dir",
+        default=os.path.join("embeddings", "stage"),
+        help="local staging when --shards-dir or --out-dir is an s3:// or gs:// URI",
+    )
     p.add_argument("--bq-table", help="DATASET.TABLE for the printed bq load command")
     p.add_argument("--gcs-prefix", help="gs://bucket/path for the printed upload and bq load commands")
     p.set_defaults(func=cmd_consolidate)
@@ -159,7 +164,16 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
         )
     log.info("consolidating %s → %s", shards_dir, out_dir)
     try:
-        res = consolidate(
+        from . import storage
+
+        run = consolidate
+        if storage.is_uri(shards_dir) or storage.is_uri(out_dir):
+            from functools import partial
+
+            from .consolidate_remote import consolidate_staged
+
+            run = partial(consolidate_staged, stage_dir=args.stage_dir)  # type: ignore[assignment]
+        res = run(
             shards_dir,
             out_dir,
             target_size=target,
