@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id-field", default="_id")
     p.add_argument("--text-field", default="text")
     p.add_argument(
-        "--memory-limit", default="1GB", help="DuckDB memory for finding duplicates (spills beyond)"
+        "--memory-limit", default="512MB", help="DuckDB memory for finding duplicates (spills beyond)"
     )
     p.add_argument(
         "--stage-dir",

@@ -806,7 +806,7 @@ def consolidate(
     text_field: str = "text",
     delete_shards: bool = False,
     overwrite: bool = False,
-    memory_limit: str = "1GB",
+    memory_limit: str = "512MB",
 ) -> ConsolidateResult:
     """Consolidate ``shards_dir`` into ``out_dir`` (resumable; a no-op over its own finished output)."""
     t0 = time.monotonic()
@@ -1006,7 +1006,7 @@ def _check_existing(
 
 
 def check_consolidated(
-    out_dir: str, manifest: dict[str, Any], shard_paths: Sequence[str], memory_limit: str = "1GB"
+    out_dir: str, manifest: dict[str, Any], shard_paths: Sequence[str], memory_limit: str = "512MB"
 ) -> list[str]:
     """Problems that forbid deleting the shards: checksums, row counts, every shard id present exactly once."""
     problems: list[str] = []
