@@ -90,7 +90,7 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--restart", action="store_true", help="forget earlier progress in these directories")
     g.add_argument("--chunks-in-flight", type=int, default=3, help="chunks embedded at once")
     g.add_argument("--workers", type=int, help="processes that decode server answers (JSON floats); "
-                                               "default: all cores; 1 = a thread in this process")
+                                               "default: all cores but one; 1 = decode on the event loop")
     g.add_argument("--log-interval", type=float, default=5.0, help="seconds between speed lines")
     g.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("scale out (Ray)")
