@@ -19,7 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def text_vector(text: str, dim: int) -> np.ndarray:
     """A deterministic vector for a text (what the fake backend returns)."""
-    seed = int.from_bytes(text.encode("utf-8", "surrogatepass")[:64].ljust(8, b"\0")[:8], "little") ^ len(text)
+    seed = int.from_bytes(text.encode("utf-8", "surrogatepass")[:64].ljust(8, b"\0")[:8], "little") ^ len(
+        text
+    )
     v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
     return v / np.linalg.norm(v)
 
@@ -52,12 +54,19 @@ def counting_backend() -> CountingBackend:
     return CountingBackend()
 
 
-def run_cli(*args: str, cwd: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: str | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the real CLI (``python -m tweet_embed``) in a subprocess."""
     e = dict(os.environ)
     e.setdefault("HF_HUB_OFFLINE", "1")
     if env:
         e.update(env)
-    return subprocess.run([sys.executable, "-m", "tweet_embed", *args], cwd=cwd or ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tweet_embed", *args],
+        cwd=cwd or ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

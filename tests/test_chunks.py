@@ -32,8 +32,10 @@ def lines_blob(n: int, final_newline: bool = True) -> bytes:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
-@pytest.mark.parametrize(("n", "size", "final"), [(0, 3, True), (1, 3, False), (9, 3, True), (10, 3, False),
-                                                   (10, 3, True), (1000, 7, True)])
+@pytest.mark.parametrize(
+    ("n", "size", "final"),
+    [(0, 3, True), (1, 3, False), (9, 3, True), (10, 3, False), (10, 3, True), (1000, 7, True)],
+)
 def test_plan_covers_every_line_once(tmp_path, suffix, n, size, final) -> None:
     data = lines_blob(n, final) if n else b""
     p = write(tmp_path / f"in{suffix}", data)
@@ -124,8 +126,10 @@ def test_input_given_twice_or_missing(tmp_path) -> None:
 def test_lock_is_exclusive_across_processes(tmp_path) -> None:
     d = str(tmp_path / "progress")
     with WorkLock(d):
-        code = ("import sys; from tweet_embed.chunks import WorkLock, PlanError\n"
-                f"try:\n    WorkLock({d!r}).acquire()\nexcept PlanError as e:\n    print(e); sys.exit(3)\n")
+        code = (
+            "import sys; from tweet_embed.chunks import WorkLock, PlanError\n"
+            f"try:\n    WorkLock({d!r}).acquire()\nexcept PlanError as e:\n    print(e); sys.exit(3)\n"
+        )
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert r.returncode == 3
         assert "already running" in r.stdout and str(os.getpid()) in r.stdout

@@ -56,14 +56,27 @@ def corpus(tmp_path):
 def test_seed_command_line_verbatim(tmp_path, server, corpus) -> None:
     """``python embed_tweets.py --input-file FILE --tei-urls URL`` with the original default layout."""
     path, records = corpus
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "embed_tweets.py"), "--input-file", path,
-                        "--tei-urls", server.embed_url], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "embed_tweets.py"),
+            "--input-file",
+            path,
+            "--tei-urls",
+            server.embed_url,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "Embedded 3000 rows" in r.stderr
     for d in ("tmp", "progress", "shards"):
         assert os.path.isdir(tmp_path / "embeddings" / d)
     assert_exact(str(tmp_path / "embeddings" / "shards"), records)
     from collections import Counter
+
     expected = Counter(t for _, t in records)
     expected["dimension probe"] += 1
     assert server.embedded == expected  # nothing sent twice
@@ -74,22 +87,45 @@ def test_seed_command_line_verbatim(tmp_path, server, corpus) -> None:
 def test_progress_line_format(tmp_path, corpus) -> None:
     path, records = corpus
     with TEIServer(dim=DIM, latency=0.05) as srv:
-        r = run_cli("embed", path, "--tei-urls", srv.url, "--work-dir", str(tmp_path / "w"), "--chunk-size",
-                    "500", "--log-interval", "0.2")
+        r = run_cli(
+            "embed",
+            path,
+            "--tei-urls",
+            srv.url,
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--chunk-size",
+            "500",
+            "--log-interval",
+            "0.2",
+        )
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "Inst. speed:" in x]
     assert lines, r.stderr
     import re
-    assert re.search(r"Inst\. speed: [\d.]+ docs/s \| Avg speed: [\d.]+ docs/s \| Total processed: \d+ \| ETA: ",
-                     lines[-1])
+
+    assert re.search(
+        r"Inst\. speed: [\d.]+ docs/s \| Avg speed: [\d.]+ docs/s \| Total processed: \d+ \| ETA: ", lines[-1]
+    )
 
 
 def test_kill9_at_random_moments_then_resume_is_exact(tmp_path, server, corpus) -> None:
     path, records = corpus
     server.set_faults(latency=0.01)
     work = str(tmp_path / "w")
-    args = [sys.executable, "-m", "tweet_embed", "embed", path, "--tei-urls", server.embed_url, "--work-dir", work,
-            "--chunk-size", "200"]
+    args = [
+        sys.executable,
+        "-m",
+        "tweet_embed",
+        "embed",
+        path,
+        "--tei-urls",
+        server.embed_url,
+        "--work-dir",
+        work,
+        "--chunk-size",
+        "200",
+    ]
     rng = random.Random(11)
     for _ in range(8):
         p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,8 +142,16 @@ def test_kill9_at_random_moments_then_resume_is_exact(tmp_path, server, corpus) 
 
 def test_flaky_server_output_complete_and_correct(tmp_path, corpus) -> None:
     path, records = corpus
-    with TEIServer(dim=DIM, max_client_batch_size=16, p_429=0.1, p_503=0.05, p_drop=0.03, p_nan=0.02,
-                   p_bad_count=0.02, seed=5) as srv:
+    with TEIServer(
+        dim=DIM,
+        max_client_batch_size=16,
+        p_429=0.1,
+        p_503=0.05,
+        p_drop=0.03,
+        p_nan=0.02,
+        p_bad_count=0.02,
+        seed=5,
+    ) as srv:
         r = run_cli("embed", path, "--tei-urls", srv.embed_url, "--work-dir", str(tmp_path / "w"))
         assert r.returncode == 0, r.stderr
         c = srv.counters
@@ -120,9 +164,24 @@ def test_second_process_on_same_work_dir_is_refused(tmp_path, corpus) -> None:
     path, _ = corpus
     with TEIServer(dim=DIM, latency=0.2) as srv:
         work = str(tmp_path / "w")
-        first = subprocess.Popen([sys.executable, "-m", "tweet_embed", "embed", path, "--tei-urls", srv.url,
-                                  "--work-dir", work, "--chunk-size", "100"], cwd=ROOT,
-                                 stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tweet_embed",
+                "embed",
+                path,
+                "--tei-urls",
+                srv.url,
+                "--work-dir",
+                work,
+                "--chunk-size",
+                "100",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 60
         while not os.path.exists(os.path.join(work, "progress", "plan.json")) and time.time() < deadline:
             time.sleep(0.05)
@@ -147,7 +206,7 @@ def test_rejected_inputs_are_reported_with_line_numbers(tmp_path, server) -> Non
         b'{"_id": "m"}',
         b'{"_id": "num", "text": 5}',
         b'{"_id": "lst", "text": ["x"]}',
-        b'',
+        b"",
         b'{"_id": "sur", "text": "lone \\ud83d surrogate"}',
         b'{"_id": "long", "text": "' + b"word " * 20000 + b'"}',
         b'{"_id": "rtl", "text": "\xd9\x85\xd8\xb1\xd8\xad\xd8\xa8\xd8\xa7 \xf0\x9f\x98\x80"}',
@@ -161,9 +220,16 @@ def test_rejected_inputs_are_reported_with_line_numbers(tmp_path, server) -> Non
     assert ids == ["ok1", "5f1d7a3b2c1e4a0012345678", "12345", "sur", "long", "rtl", "last"]
     rejects = [orjson.loads(x) for x in open(tmp_path / "w" / "progress" / "rejects.jsonl", "rb")]
     got = [(x["line"], x["reason"].split(" (")[0].split(":")[0]) for x in rejects]
-    assert got == [(2, "malformed JSON"), (3, "not a JSON object"), (4, "missing id field '_id'"),
-                   (7, "text is empty"), (8, "text is null"), (9, "missing text field 'text'"),
-                   (10, "text is not a string"), (11, "text is not a string")]
+    assert got == [
+        (2, "malformed JSON"),
+        (3, "not a JSON object"),
+        (4, "missing id field '_id'"),
+        (7, "text is empty"),
+        (8, "text is null"),
+        (9, "missing text field 'text'"),
+        (10, "text is not a string"),
+        (11, "text is not a string"),
+    ]
     assert "Rejected: 8 lines" in r.stderr
     assert server.embedded["lone \ufffd surrogate"] == 1
 

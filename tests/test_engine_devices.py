@@ -28,8 +28,13 @@ DIM = 16
 
 
 def options(tmp_path, path: str) -> EmbedOptions:
-    return EmbedOptions(inputs=[path], dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None),
-                        chunk_lines=100, log_interval=60, devices=["w0", "w1"])
+    return EmbedOptions(
+        inputs=[path],
+        dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None),
+        chunk_lines=100,
+        log_interval=60,
+        devices=["w0", "w1"],
+    )
 
 
 @pytest.fixture
@@ -65,6 +70,7 @@ def test_worker_error_travels_back(tmp_path, corpus) -> None:
 def test_killed_worker_is_noticed_and_resume_completes(tmp_path, corpus) -> None:
     path, records = corpus
     with TEIServer(dim=DIM, latency=0.05) as srv:
+
         def kill_one() -> None:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

@@ -16,8 +16,11 @@ from tweet_embed.records import InputError, clean_text, iter_records, normalise_
         (b'{"_id": {"$numberLong": "123"}, "text": "x"}', ("123", "x")),
         (b'{"_id": "a", "text": "  spaced  ", "lang": "en"}', ("a", "  spaced  ")),
         (b'{"_id": "a", "text": "\\ud83d"}', ("a", "\ufffd")),
-        (b'{"_id": "a", "text": "\\ud83d\\ude00 ok"}', ("a", "\U0001F600 ok")),
-        (b'{"_id": "a", "text": "caf\\u00e9 \xd9\x85\xd8\xb1\xd8\xad\xd8\xa8\xd8\xa7"}', ("a", "caf\u00e9 \u0645\u0631\u062d\u0628\u0627")),
+        (b'{"_id": "a", "text": "\\ud83d\\ude00 ok"}', ("a", "\U0001f600 ok")),
+        (
+            b'{"_id": "a", "text": "caf\\u00e9 \xd9\x85\xd8\xb1\xd8\xad\xd8\xa8\xd8\xa7"}',
+            ("a", "caf\u00e9 \u0645\u0631\u062d\u0628\u0627"),
+        ),
     ],
 )
 def test_parse_line_accepts(raw: bytes, expected: tuple[str, str]) -> None:

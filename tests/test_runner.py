@@ -40,8 +40,13 @@ def read_shards(shards: str) -> dict[str, np.ndarray]:
 
 
 def opts(tmp_path, inputs, **kw) -> EmbedOptions:
-    return EmbedOptions(inputs=[str(p) for p in inputs], dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None),
-                        chunk_lines=kw.pop("chunk_lines", 50), log_interval=kw.pop("log_interval", 60), **kw)
+    return EmbedOptions(
+        inputs=[str(p) for p in inputs],
+        dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None),
+        chunk_lines=kw.pop("chunk_lines", 50),
+        log_interval=kw.pop("log_interval", 60),
+        **kw,
+    )
 
 
 def test_clean_run_every_id_once_with_its_own_vector(tmp_path) -> None:
@@ -103,7 +108,10 @@ def test_refused_text_becomes_a_reject_with_its_line(tmp_path) -> None:
     out = read_shards(str(tmp_path / "w" / "shards"))
     assert "id17" not in out and len(out) == 59
     rejects = [orjson.loads(x) for x in open(s.rejects_file, "rb")]
-    assert [(r["line"], r["reason"][:20]) for r in rejects] == [(18, "server refused the t"), (61, "text is null")]
+    assert [(r["line"], r["reason"][:20]) for r in rejects] == [
+        (18, "server refused the t"),
+        (61, "text is null"),
+    ]
     assert rejects[0]["file"].endswith("in.jsonl")
 
 
@@ -119,7 +127,9 @@ def test_other_model_is_refused_and_restart_starts_over(tmp_path) -> None:
 
 def test_separate_directories(tmp_path) -> None:
     corpus(tmp_path / "in.jsonl", 120)
-    dirs = WorkDirs(str(tmp_path / "nvme" / "tmp"), str(tmp_path / "nvme" / "progress"), str(tmp_path / "ssd"))
+    dirs = WorkDirs(
+        str(tmp_path / "nvme" / "tmp"), str(tmp_path / "nvme" / "progress"), str(tmp_path / "ssd")
+    )
     o = EmbedOptions(inputs=[str(tmp_path / "in.jsonl")], dirs=dirs, chunk_lines=50, log_interval=60)
     run_embed(o, lambda: CountingBackend())
     assert sorted(os.listdir(tmp_path / "ssd")) == [f"part-0000-000000{i}.parquet" for i in range(3)]
@@ -131,7 +141,9 @@ def test_several_files_and_a_batch_larger_than_chunks(tmp_path) -> None:
     a = corpus(tmp_path / "a.jsonl", 30)
     with open(tmp_path / "b.jsonl", "wb") as fh:
         fh.write(b'{"_id": "b1", "text": "hello"}\n')
-    s = run_embed(opts(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]), lambda: CountingBackend(max_batch=1000))
+    s = run_embed(
+        opts(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]), lambda: CountingBackend(max_batch=1000)
+    )
     assert s.rows == 31
     assert set(read_shards(str(tmp_path / "w" / "shards"))) == set(a) | {"b1"}
 

@@ -81,7 +81,9 @@ class Plan:
                 "chunk_lines": self.chunk_lines,
                 "files": [asdict(f) for f in self.files],
                 # compact columns: 10k+ chunks stay a small file
-                "chunks": [[c.file_index, c.index, c.first_line, c.n_lines, c.start, c.end] for c in self.chunks],
+                "chunks": [
+                    [c.file_index, c.index, c.first_line, c.n_lines, c.start, c.end] for c in self.chunks
+                ],
             }
         )
 
@@ -121,7 +123,9 @@ def expand_inputs(specs: list[str]) -> list[tuple[str, str]]:
             try:
                 out += [(p, "parquet") for p in expand_parquet_inputs(spec)]
             except InputError:
-                raise InputError(f"input is a directory, not a file: {spec} (and holds no .parquet files)") from None
+                raise InputError(
+                    f"input is a directory, not a file: {spec} (and holds no .parquet files)"
+                ) from None
         elif is_parquet_spec(spec):
             out += [(p, "parquet") for p in expand_parquet_inputs(spec)]
         elif glob.has_magic(spec) and not os.path.exists(spec):
@@ -138,16 +142,22 @@ def describe_input(path: str, kind: str = "jsonl") -> InputFile:
     check_input_path(path)
     size, mtime_ns = storage.stat(path)
     return InputFile(
-        path=storage.absolute(path), label=path, size=size, mtime_ns=mtime_ns,
-        fingerprint=fingerprint(path, size), kind=kind,
+        path=storage.absolute(path),
+        label=path,
+        size=size,
+        mtime_ns=mtime_ns,
+        fingerprint=fingerprint(path, size),
+        kind=kind,
     )
 
 
 def scan_parquet(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
     from .parquet_input import parquet_chunks
 
-    chunks = [Chunk(file_index, k, start + 1, n, start, start + n)
-              for k, (start, n) in enumerate(parquet_chunks(f.path, chunk_lines))]
+    chunks = [
+        Chunk(file_index, k, start + 1, n, start, start + n)
+        for k, (start, n) in enumerate(parquet_chunks(f.path, chunk_lines))
+    ]
     f.lines = sum(c.n_lines for c in chunks)
     return chunks
 
@@ -217,7 +227,9 @@ def make_plan(paths: list[str], chunk_lines: int = DEFAULT_CHUNK_LINES) -> Plan:
         seen[f.path] = f.label
     chunks: list[Chunk] = []
     for i, f in enumerate(files):
-        chunks.extend(scan_parquet(f, i, chunk_lines) if f.kind == "parquet" else scan_file(f, i, chunk_lines))
+        chunks.extend(
+            scan_parquet(f, i, chunk_lines) if f.kind == "parquet" else scan_file(f, i, chunk_lines)
+        )
     return Plan(files, chunks, chunk_lines)
 
 
@@ -290,11 +302,15 @@ class WorkDirs:
         doomed = []
         for d, suffixes in ((self.progress, (".done", ".json", ".jsonl")), (self.shards, (".parquet",))):
             for name in storage.list_names(d):
-                if name.endswith(suffixes) and (name.startswith("part-") or name in (MANIFEST, PLAN, "rejects.jsonl")):
+                if name.endswith(suffixes) and (
+                    name.startswith("part-") or name in (MANIFEST, PLAN, "rejects.jsonl")
+                ):
                     doomed.append(os.path.join(d, name))
         rdir = os.path.join(self.progress, REJECTS_DIR)
         doomed += [os.path.join(rdir, name) for name in storage.list_names(rdir)]
-        storage.parallel_map(storage.delete, doomed, storage.is_uri(self.progress) or storage.is_uri(self.shards))
+        storage.parallel_map(
+            storage.delete, doomed, storage.is_uri(self.progress) or storage.is_uri(self.shards)
+        )
         self.clean_tmp()
 
 
@@ -329,8 +345,9 @@ def write_marker(dirs: WorkDirs, chunk: Chunk, marker: Marker) -> None:
 
 def done_markers(dirs: WorkDirs) -> dict[str, Marker]:
     names = [n for n in storage.list_names(dirs.progress) if n.startswith("part-") and n.endswith(".done")]
-    found = storage.parallel_map(read_marker, [os.path.join(dirs.progress, n) for n in names],
-                                 storage.is_uri(dirs.progress))
+    found = storage.parallel_map(
+        read_marker, [os.path.join(dirs.progress, n) for n in names], storage.is_uri(dirs.progress)
+    )
     return {m.chunk: m for m in found if m is not None}
 
 
@@ -396,9 +413,7 @@ def manifest_key(plan: Plan, model: str, dim: int, options: dict[str, object]) -
     }
 
 
-def load_or_create_plan(
-    dirs: WorkDirs, paths: list[str], chunk_lines: int
-) -> tuple[Plan, bool]:
+def load_or_create_plan(dirs: WorkDirs, paths: list[str], chunk_lines: int) -> tuple[Plan, bool]:
     """Reuse the stored plan when the inputs are unchanged, else scan. Returns (plan, reused)."""
     data = storage.read_bytes(dirs.plan_path)
     stored = Plan.from_json(data) if data is not None else None
@@ -437,7 +452,8 @@ def check_manifest(dirs: WorkDirs, key: dict[str, object]) -> None:
     if diffs:
         lines = [f"  {k}: was {stored.get(k)!r}, now {key[k]!r}" for k in diffs]
         raise PlanError(
-            "this work dir holds a run with other settings:\n" + "\n".join(lines)
+            "this work dir holds a run with other settings:\n"
+            + "\n".join(lines)
             + "\nuse --restart to start over, or another --work-dir"
         )
 

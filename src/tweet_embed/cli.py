@@ -40,8 +40,9 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 def add_dir_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("directories")
-    g.add_argument("--work-dir", help="one directory for all three: D/tmp, D/progress, D/shards "
-                                      "(default ./embeddings)")
+    g.add_argument(
+        "--work-dir", help="one directory for all three: D/tmp, D/progress, D/shards (default ./embeddings)"
+    )
     g.add_argument("--tmp-dir", help="staging for shards being written (fast disk)")
     g.add_argument("--progress-dir", help="markers, manifest, plan, rejects")
     g.add_argument("--output-dir", help="final Parquet shards (large disk)")
@@ -54,32 +55,54 @@ def dirs_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def add_embed_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed JSONL input into Parquet shards (resumable)",
-                       description="Embed line-delimited JSON ({_id, text}) into Parquet shards.",
-                       epilog=EMBED_EXAMPLES, formatter_class=Formatter)
+    p = sub.add_parser(
+        "embed",
+        help="embed JSONL input into Parquet shards (resumable)",
+        description="Embed line-delimited JSON ({_id, text}) into Parquet shards.",
+        epilog=EMBED_EXAMPLES,
+        formatter_class=Formatter,
+    )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help=".json/.jsonl, optionally .gz or .zst")
     p.add_argument("--input-file", action="append", default=[], help="an input file (the original flag)")
     g = p.add_argument_group("backend")
-    g.add_argument("--tei-urls", action="append", help="TEI /embed URLs, comma-separated (or repeat the flag); "
-                                                       "URLs ending in /v1 or /v1/embeddings use the OpenAI API")
+    g.add_argument(
+        "--tei-urls",
+        action="append",
+        help="TEI /embed URLs, comma-separated (or repeat the flag); "
+        "URLs ending in /v1 or /v1/embeddings use the OpenAI API",
+    )
     g.add_argument("--openai-urls", action="append", help="OpenAI-compatible /v1/embeddings URLs")
-    g.add_argument("--model", help="model id (local model, or sent to OpenAI-compatible servers); "
-                                   "default all-MiniLM-L6-v2 for the in-process model")
-    g.add_argument("--no-normalize", dest="normalize", action="store_false", help="do not L2-normalise vectors")
-    g.add_argument("--batch-size", type=int, help="texts per request (default: the server's "
-                                                  "max_client_batch_size)")
+    g.add_argument(
+        "--model",
+        help="model id (local model, or sent to OpenAI-compatible servers); "
+        "default all-MiniLM-L6-v2 for the in-process model",
+    )
+    g.add_argument(
+        "--no-normalize", dest="normalize", action="store_false", help="do not L2-normalise vectors"
+    )
+    g.add_argument(
+        "--batch-size", type=int, help="texts per request (default: the server's max_client_batch_size)"
+    )
     g.add_argument("--request-timeout", type=float, default=60.0, help="seconds before a request is retried")
-    g.add_argument("--max-retry-time", type=float, default=600.0,
-                   help="stop when no server has answered for this many seconds")
-    g.add_argument("--api-key-file", help="read the API key from this file (mode 600); default: "
-                                          "$TWEET_EMBED_API_KEY or $OPENAI_API_KEY")
+    g.add_argument(
+        "--max-retry-time",
+        type=float,
+        default=600.0,
+        help="stop when no server has answered for this many seconds",
+    )
+    g.add_argument(
+        "--api-key-file",
+        help="read the API key from this file (mode 600); default: $TWEET_EMBED_API_KEY or $OPENAI_API_KEY",
+    )
     # Never a key on the command line (ps, shell history): without this, argparse would take "--api-key K" as
     # an abbreviation of --api-key-file and print K in its "file not found" error.
     g.add_argument("--api-key", dest="api_key_argv", metavar="KEY", help=argparse.SUPPRESS)
     g.add_argument("--insecure", action="store_true", help="do not verify HTTPS certificates")
     g.add_argument("--device", help="local model device (cpu, cuda, cuda:1); default: CUDA if present")
-    g.add_argument("--devices", help="several GPUs on this machine, one worker process each: 'all' or "
-                                     "'0,1,2,3' (local model only)")
+    g.add_argument(
+        "--devices",
+        help="several GPUs on this machine, one worker process each: 'all' or '0,1,2,3' (local model only)",
+    )
     add_dir_options(p)
     g = p.add_argument_group("input and chunks")
     g.add_argument("--id-field", default="_id")
@@ -89,18 +112,33 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dedupe-texts", action="store_true", help="embed identical texts in a chunk once")
     g.add_argument("--restart", action="store_true", help="forget earlier progress in these directories")
     g.add_argument("--chunks-in-flight", type=int, default=3, help="chunks embedded at once")
-    g.add_argument("--workers", type=int, help="processes that decode server answers (JSON floats); "
-                                               "default: all cores but one; 1 = decode on the event loop")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="processes that decode server answers (JSON floats); "
+        "default: all cores but one; 1 = decode on the event loop",
+    )
     g.add_argument("--log-interval", type=float, default=5.0, help="seconds between speed lines")
     g.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("scale out (Ray)")
-    g.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local: this process (and --devices); ray: each chunk a Ray task (servers) or a call on "
-                        "a one-GPU actor (in-process model) on a Ray cluster; needs tweet-embed[ray]")
-    g.add_argument("--ray-address", help="cluster to join ('auto', 'ray://head:10001'); default: $RAY_ADDRESS, "
-                                         "else a new local Ray instance")
-    g.add_argument("--ray-cpus-per-task", type=float, default=1.0, help="CPUs reserved by each chunk task "
-                                                                         "(server backends)")
+    g.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (and --devices); ray: each chunk a Ray task (servers) or a call on "
+        "a one-GPU actor (in-process model) on a Ray cluster; needs tweet-embed[ray]",
+    )
+    g.add_argument(
+        "--ray-address",
+        help="cluster to join ('auto', 'ray://head:10001'); default: $RAY_ADDRESS, "
+        "else a new local Ray instance",
+    )
+    g.add_argument(
+        "--ray-cpus-per-task",
+        type=float,
+        default=1.0,
+        help="CPUs reserved by each chunk task (server backends)",
+    )
     p.set_defaults(func=cmd_embed)
 
 
@@ -122,8 +160,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         log.error("no input given: tweet-embed embed FILE [FILE...] (see --help)")
         return EXIT_USAGE
     if args.api_key_argv is not None:
-        log.error("an API key is not taken on the command line (it would show in ps and shell history): "
-                  "set TWEET_EMBED_API_KEY, or put it in a file only you can read and give --api-key-file")
+        log.error(
+            "an API key is not taken on the command line (it would show in ps and shell history): "
+            "set TWEET_EMBED_API_KEY, or put it in a file only you can read and give --api-key-file"
+        )
         return EXIT_USAGE
     if args.insecure:
         log.warning("--insecure: HTTPS certificates are NOT verified")
@@ -134,10 +174,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     spec = BackendSpec(
-        urls=tuple(args.tei_urls or ()), openai_urls=tuple(args.openai_urls or ()), model=args.model,
-        normalize=args.normalize, api_key=api_key, batch_size=args.batch_size,
-        request_timeout=args.request_timeout, max_retry_time=args.max_retry_time, insecure=args.insecure,
-        device=args.device, workers=args.workers if args.workers is not None else _all_cores(),
+        urls=tuple(args.tei_urls or ()),
+        openai_urls=tuple(args.openai_urls or ()),
+        model=args.model,
+        normalize=args.normalize,
+        api_key=api_key,
+        batch_size=args.batch_size,
+        request_timeout=args.request_timeout,
+        max_retry_time=args.max_retry_time,
+        insecure=args.insecure,
+        device=args.device,
+        workers=args.workers if args.workers is not None else _all_cores(),
     )
 
     devices = None
@@ -153,9 +200,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return EXIT_USAGE
     opts = EmbedOptions(
-        inputs=inputs, dirs=dirs_from_args(args), chunk_lines=args.chunk_size, id_field=args.id_field,
-        text_field=args.text_field, dedupe_texts=args.dedupe_texts, restart=args.restart,
-        chunks_in_flight=args.chunks_in_flight, log_interval=args.log_interval, max_chunks=args.max_chunks,
+        inputs=inputs,
+        dirs=dirs_from_args(args),
+        chunk_lines=args.chunk_size,
+        id_field=args.id_field,
+        text_field=args.text_field,
+        dedupe_texts=args.dedupe_texts,
+        restart=args.restart,
+        chunks_in_flight=args.chunks_in_flight,
+        log_interval=args.log_interval,
+        max_chunks=args.max_chunks,
         devices=devices,
     )
     if devices and len(devices) == 1:
@@ -167,10 +221,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from .engines.ray import RayOptions
 
         opts.ray = RayOptions(address=args.ray_address, cpus_per_task=args.ray_cpus_per_task)
-    urls = [redact_url(u.strip()) for v in (args.tei_urls or []) + (args.openai_urls or []) for u in v.split(",")
-            if u.strip()]  # split first: only the first URL of "a,b" would be redacted otherwise
-    log.info("tweet-embed %s: %d input file(s) → %s (%s)", __version__, len(inputs), opts.dirs.shards,
-             ", ".join(urls) if urls else "in-process model")
+    urls = [
+        redact_url(u.strip())
+        for v in (args.tei_urls or []) + (args.openai_urls or [])
+        for u in v.split(",")
+        if u.strip()
+    ]  # split first: only the first URL of "a,b" would be redacted otherwise
+    log.info(
+        "tweet-embed %s: %d input file(s) → %s (%s)",
+        __version__,
+        len(inputs),
+        opts.dirs.shards,
+        ", ".join(urls) if urls else "in-process model",
+    )
     try:
         summary = run_embed(opts, spec)
     except PlanError as exc:
@@ -187,9 +250,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             d = opts.dirs
-            log.error("disk full: %s\n  staging: %s\n  shards: %s\n  progress: %s\nno partial shard was "
-                      "published; free space and re-run the same command to resume (finished chunks are kept)",
-                      exc, d.tmp, d.shards, d.progress)
+            log.error(
+                "disk full: %s\n  staging: %s\n  shards: %s\n  progress: %s\nno partial shard was "
+                "published; free space and re-run the same command to resume (finished chunks are kept)",
+                exc,
+                d.tmp,
+                d.shards,
+                d.progress,
+            )
         else:
             log.error("%s\nfinished chunks are kept; re-run the same command to resume", exc)
         return EXIT_ERROR
@@ -200,8 +268,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def add_status_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="chunks done / total, rows, rejects and ETA of a run",
-                       epilog="example:\n  tweet-embed status --work-dir /nvme/run1", formatter_class=Formatter)
+    p = sub.add_parser(
+        "status",
+        help="chunks done / total, rows, rejects and ETA of a run",
+        epilog="example:\n  tweet-embed status --work-dir /nvme/run1",
+        formatter_class=Formatter,
+    )
     add_dir_options(p)
     p.set_defaults(func=cmd_status)
 
@@ -216,7 +288,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tweet-embed", formatter_class=Formatter,
+        prog="tweet-embed",
+        formatter_class=Formatter,
         description="Embed tens to hundreds of millions of tweets into Parquet, resumably and exactly once.",
         epilog="phases: export → embed → consolidate (see each command's --help)",
     )

@@ -26,7 +26,9 @@ def shard_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Sche
     schema = pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
-            pa.field("embedding", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False),
+            pa.field(
+                "embedding", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False
+            ),
         ]
     )
     if metadata:
@@ -43,8 +45,9 @@ def make_table(ids: list[str], vectors: np.ndarray, metadata: Mapping[str, str] 
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
     emb = pa.FixedSizeListArray.from_arrays(flat, dim)
     schema = shard_schema(dim, metadata)
-    return pa.Table.from_arrays([pa.array(ids, type=pa.string()), emb.cast(schema.field("embedding").type)],
-                                schema=schema)
+    return pa.Table.from_arrays(
+        [pa.array(ids, type=pa.string()), emb.cast(schema.field("embedding").type)], schema=schema
+    )
 
 
 def read_metadata(path: str) -> dict[str, str]:
@@ -54,7 +57,7 @@ def read_metadata(path: str) -> dict[str, str]:
     for k, v in md.items():
         key = k.decode()
         if key.startswith(META_PREFIX):
-            out[key[len(META_PREFIX):]] = v.decode()
+            out[key[len(META_PREFIX) :]] = v.decode()
     return out
 
 

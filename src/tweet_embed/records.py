@@ -82,7 +82,7 @@ def normalise_id(value: object) -> str | None:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, dict) and len(value) == 1:
-        (key, inner), = value.items()
+        ((key, inner),) = value.items()
         if key in ("$oid", "$numberLong", "$numberInt", "$uuid") and isinstance(inner, str) and inner:
             return inner
     return None
@@ -123,7 +123,9 @@ def parse_line(raw: bytes, id_field: str = "_id", text_field: str = "text") -> t
     if id_field not in obj:
         return f"missing id field {id_field!r}"
     value = obj[id_field]
-    if isinstance(value, float):  # orjson reads integers beyond 64 bits as floats; the stdlib keeps them exact
+    if isinstance(
+        value, float
+    ):  # orjson reads integers beyond 64 bits as floats; the stdlib keeps them exact
         try:
             exact = json.loads(raw)
         except (ValueError, RecursionError):

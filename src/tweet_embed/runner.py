@@ -99,7 +99,9 @@ def read_parquet_block(f: InputFile, chunk: Chunk, id_field: str, text_field: st
     """A Parquet chunk (a row range) as a parsed block; line numbers are 1-based row numbers."""
     from .parquet_input import read_parquet_chunk
 
-    ids, texts, rejects = read_parquet_chunk(f.path, chunk.start, chunk.n_lines, id_field, text_field, f.label)
+    ids, texts, rejects = read_parquet_chunk(
+        f.path, chunk.start, chunk.n_lines, id_field, text_field, f.label
+    )
     rejected = {r.line for r in rejects}
     lines = [n for n in range(chunk.first_line, chunk.first_line + chunk.n_lines) if n not in rejected]
     return ParsedBlock(ids, texts, lines, rejects)
@@ -186,10 +188,25 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
                 raise TypeError("several devices need a BackendSpec, not a backend factory")
             from .engines.devices import run_on_devices
 
-            job = {"id_field": opts.id_field, "text_field": opts.text_field, "dedupe_texts": opts.dedupe_texts}
+            job = {
+                "id_field": opts.id_field,
+                "text_field": opts.text_field,
+                "dedupe_texts": opts.dedupe_texts,
+            }
             out: dict[str, object] = {"id_field": opts.id_field, "text_field": opts.text_field}
-            await asyncio.to_thread(run_on_devices, opts.devices, spec, plan, pending, dirs, job, out,
-                                    __version__, summary, opts.log_interval)
+            await asyncio.to_thread(
+                run_on_devices,
+                opts.devices,
+                spec,
+                plan,
+                pending,
+                dirs,
+                job,
+                out,
+                __version__,
+                summary,
+                opts.log_interval,
+            )
         elif pending:
             factory = make_backend.build if isinstance(make_backend, BackendSpec) else make_backend
             await _run_pending(opts, plan, pending, factory, summary)
@@ -205,7 +222,11 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
 
 
 async def _run_pending(
-    opts: EmbedOptions, plan: Plan, pending: list[Chunk], make_backend: Callable[[], Backend], summary: Summary
+    opts: EmbedOptions,
+    plan: Plan,
+    pending: list[Chunk],
+    make_backend: Callable[[], Backend],
+    summary: Summary,
 ) -> None:
     dirs = opts.dirs
     backend = make_backend()
@@ -237,8 +258,9 @@ async def _run_pending(
             embedding = True
             try:
                 label = plan.files[chunk.file_index].label
-                result = await embed_block(backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter,
-                                           file_label=label)
+                result = await embed_block(
+                    backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter, file_label=label
+                )
                 del block
                 async with write_slots:
                     slots.release()

@@ -26,15 +26,22 @@ def run_status(dirs: WorkDirs) -> tuple[str, int]:
         f"rows embedded: {rows}, rejected: {rejects}",
     ]
     # speed from the markers' times: the most recent stretch of work, robust to pauses between runs
-    times = sorted(storage.parallel_map(storage.mtime, [dirs.marker_path(c) for c in plan.chunks if c.name in markers],
-                                        storage.is_uri(dirs.progress)))
+    times = sorted(
+        storage.parallel_map(
+            storage.mtime,
+            [dirs.marker_path(c) for c in plan.chunks if c.name in markers],
+            storage.is_uri(dirs.progress),
+        )
+    )
     if len(times) >= 2 and len(done) < len(plan.chunks):
-        recent = times[-min(len(times), 50):]
+        recent = times[-min(len(times), 50) :]
         span = recent[-1] - recent[0]
         per_chunk_lines = lines_done / len(done)
         if span > 0:
             rate = (len(recent) - 1) * per_chunk_lines / span
-            lines.append(f"recent speed: {rate:.1f} lines/s, ETA: {fmt_eta((total_lines - lines_done) / rate)}")
+            lines.append(
+                f"recent speed: {rate:.1f} lines/s, ETA: {fmt_eta((total_lines - lines_done) / rate)}"
+            )
     for f in plan.files:
         if f.damaged:
             lines.append(f"damaged: {f.damaged}")

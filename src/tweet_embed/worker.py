@@ -32,7 +32,9 @@ class ChunkResult:
     embedded_texts: int  # texts actually sent (fewer than rows with --dedupe-texts)
 
 
-def make_batches(texts: Sequence[str], max_batch: int, max_chars: int = MAX_BATCH_CHARS) -> list[tuple[int, int]]:
+def make_batches(
+    texts: Sequence[str], max_batch: int, max_chars: int = MAX_BATCH_CHARS
+) -> list[tuple[int, int]]:
     """Cut ``texts`` into ``[start, end)`` batches of at most ``max_batch`` texts and ~``max_chars`` chars."""
     out: list[tuple[int, int]] = []
     start, chars = 0, 0
@@ -91,14 +93,21 @@ async def embed_texts(
 
 
 async def embed_block(
-    backend: Backend, block: ParsedBlock, info: BackendInfo, *, dedupe: bool = False,
-    limiter: asyncio.Semaphore | None = None, file_label: str = "",
+    backend: Backend,
+    block: ParsedBlock,
+    info: BackendInfo,
+    *,
+    dedupe: bool = False,
+    limiter: asyncio.Semaphore | None = None,
+    file_label: str = "",
 ) -> ChunkResult:
     """Embed one chunk's parsed rows (optionally each distinct text once) and collect refusals as rejects."""
     texts = block.texts
     if dedupe and texts:
         index: dict[str, int] = {}
-        inverse = np.fromiter((index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts))
+        inverse = np.fromiter(
+            (index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts)
+        )
         unique = list(index)
         uvecs, urefused = await embed_texts(backend, unique, info, limiter)
         vectors = uvecs[inverse]
@@ -142,8 +151,13 @@ def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: di
     else:
         storage.delete(rpath)
     marker = Marker(
-        chunk=chunk.name, rows=len(result.ids), rejects=len(result.rejects), sha256=sha,
-        shard=os.path.basename(dirs.shard_path(chunk)), first_line=chunk.first_line, n_lines=chunk.n_lines,
+        chunk=chunk.name,
+        rows=len(result.ids),
+        rejects=len(result.rejects),
+        sha256=sha,
+        shard=os.path.basename(dirs.shard_path(chunk)),
+        first_line=chunk.first_line,
+        n_lines=chunk.n_lines,
         embedded_texts=result.embedded_texts,
     )
     write_marker(dirs, chunk, marker)
@@ -172,11 +186,20 @@ def read_block(f: InputFile, chunk: Chunk, copts: ChunkOptions, data: bytes | No
 
 
 async def process_chunk(
-    f: InputFile, chunk: Chunk, dirs: WorkDirs, backend: Backend, info: BackendInfo, metadata: dict[str, str],
-    copts: ChunkOptions, *, data: bytes | None = None, limiter: asyncio.Semaphore | None = None,
+    f: InputFile,
+    chunk: Chunk,
+    dirs: WorkDirs,
+    backend: Backend,
+    info: BackendInfo,
+    metadata: dict[str, str],
+    copts: ChunkOptions,
+    *,
+    data: bytes | None = None,
+    limiter: asyncio.Semaphore | None = None,
 ) -> Marker:
     """Read, parse, embed and commit one chunk: the whole unit of work of a Ray task or actor call."""
     block = await asyncio.to_thread(read_block, f, chunk, copts, data)
-    result = await embed_block(backend, block, info, dedupe=copts.dedupe_texts, limiter=limiter,
-                               file_label=f.label)
+    result = await embed_block(
+        backend, block, info, dedupe=copts.dedupe_texts, limiter=limiter, file_label=f.label
+    )
     return await asyncio.to_thread(commit_chunk, dirs, chunk, result, metadata)

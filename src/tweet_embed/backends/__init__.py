@@ -14,7 +14,15 @@ from dataclasses import dataclass, field, replace
 
 from .base import Backend, BackendError, BackendInfo
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "BackendSpec", "make_backend", "read_api_key", "is_openai_url"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendInfo",
+    "BackendSpec",
+    "make_backend",
+    "read_api_key",
+    "is_openai_url",
+]
 
 DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
 KEY_ENV = ("TWEET_EMBED_API_KEY", "OPENAI_API_KEY")
@@ -73,9 +81,15 @@ def make_backend(
     if tei and oai:
         raise BackendError("mixing TEI /embed and OpenAI /v1/embeddings servers in one run is not supported")
     http_kw = dict(
-        normalize=normalize, api_key=api_key, model=model, batch_size=batch_size,
-        request_timeout=request_timeout, max_retry_time=max_retry_time, insecure=insecure,
-        decode_executor=decode_executor, workers=workers,
+        normalize=normalize,
+        api_key=api_key,
+        model=model,
+        batch_size=batch_size,
+        request_timeout=request_timeout,
+        max_retry_time=max_retry_time,
+        insecure=insecure,
+        decode_executor=decode_executor,
+        workers=workers,
     )
     if oai:
         from .openai import OpenAIBackend
@@ -87,7 +101,9 @@ def make_backend(
         return TEIBackend(tei, **http_kw)  # type: ignore[arg-type]
     from .local import LocalBackend
 
-    return LocalBackend(model or DEFAULT_LOCAL_MODEL, device=device, normalize=normalize, batch_size=batch_size)
+    return LocalBackend(
+        model or DEFAULT_LOCAL_MODEL, device=device, normalize=normalize, batch_size=batch_size
+    )
 
 
 @dataclass(frozen=True)
@@ -124,8 +140,16 @@ class BackendSpec:
 
     def build(self, decode_executor: Executor | None = None) -> Backend:
         return make_backend(
-            self.urls, self.model, self.normalize, openai_urls=self.openai_urls, api_key=self.api_key,
-            batch_size=self.batch_size, request_timeout=self.request_timeout,
-            max_retry_time=self.max_retry_time, insecure=self.insecure, device=self.device,
-            decode_executor=decode_executor, workers=self.workers,
+            self.urls,
+            self.model,
+            self.normalize,
+            openai_urls=self.openai_urls,
+            api_key=self.api_key,
+            batch_size=self.batch_size,
+            request_timeout=self.request_timeout,
+            max_retry_time=self.max_retry_time,
+            insecure=self.insecure,
+            device=self.device,
+            decode_executor=decode_executor,
+            workers=self.workers,
         )

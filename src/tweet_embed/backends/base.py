@@ -30,7 +30,12 @@ class BackendInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, str]:
-        md = {"backend": self.kind, "model": self.model, "dim": str(self.dim), "normalize": str(self.normalize).lower()}
+        md = {
+            "backend": self.kind,
+            "model": self.model,
+            "dim": str(self.dim),
+            "normalize": str(self.normalize).lower(),
+        }
         md.update(self.extra)
         return md
 

@@ -28,8 +28,12 @@ log = logging.getLogger("tweet_embed")
 
 RETRYABLE_STATUS = {408, 409, 424, 425, 429, 500, 502, 503, 504}
 REFUSED_STATUS = {400, 413, 422}
-FATAL_STATUS = {401: "authentication failed (check TWEET_EMBED_API_KEY)", 403: "forbidden",
-                404: "not found (check the URL's path)", 405: "method not allowed (check the URL's path)"}
+FATAL_STATUS = {
+    401: "authentication failed (check TWEET_EMBED_API_KEY)",
+    403: "forbidden",
+    404: "not found (check the URL's path)",
+    405: "method not allowed (check the URL's path)",
+}
 
 
 def describe_error(status: int, body: bytes) -> str:
@@ -101,7 +105,9 @@ class HTTPBackend(Backend):
             ssl_ctx: ssl.SSLContext | bool = False if self.insecure else ssl.create_default_context()
             connector = aiohttp.TCPConnector(limit=0, ssl=ssl_ctx, keepalive_timeout=30)
             self.session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, headers=self.headers(),
+                connector=connector,
+                timeout=self.timeout,
+                headers=self.headers(),
                 json_serialize=lambda o: orjson.dumps(o).decode(),
             )
         return self.session
@@ -174,7 +180,10 @@ class HTTPBackend(Backend):
         raise FatalError(msg)
 
     async def request_vectors(
-        self, texts: Sequence[str], build: Callable[[Endpoint], tuple[str, bytes]], kind: str,
+        self,
+        texts: Sequence[str],
+        build: Callable[[Endpoint], tuple[str, bytes]],
+        kind: str,
     ) -> np.ndarray:
         """One batch through the pool: send, decode off the loop (``kind`` names the decoder in
         :data:`tweet_embed.decode.DECODERS`), validate, retry bad answers elsewhere."""

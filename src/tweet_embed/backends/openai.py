@@ -64,7 +64,9 @@ class OpenAIBackend(HTTPBackend):
                 self.model = str(listing["data"][0]["id"])  # type: ignore[index]
             except (TypeError, KeyError, IndexError):
                 if not info_model:
-                    raise BackendError("cannot learn the model from /v1/models; give it with --model") from None
+                    raise BackendError(
+                        "cannot learn the model from /v1/models; give it with --model"
+                    ) from None
                 self.model = str(info_model)
         probe = ["dimension probe"]
         try:
@@ -77,17 +79,27 @@ class OpenAIBackend(HTTPBackend):
             raise
         batch = self.batch_size or server_batch or DEFAULT_BATCH
         if server_batch is not None and batch > server_batch:
-            log.warning("--batch-size %d is above the servers' max_client_batch_size %d; using %d",
-                        batch, server_batch, server_batch)
+            log.warning(
+                "--batch-size %d is above the servers' max_client_batch_size %d; using %d",
+                batch,
+                server_batch,
+                server_batch,
+            )
             batch = server_batch
         capacity = sum(ep.capacity for ep in self.pool.endpoints)
         self.info_ = BackendInfo(
-            kind="openai", model=self.model, dim=int(vec.shape[1]), normalize=self.normalize,
-            max_batch=batch, max_in_flight=max(1, capacity // batch),
+            kind="openai",
+            model=self.model,
+            dim=int(vec.shape[1]),
+            normalize=self.normalize,
+            max_batch=batch,
+            max_in_flight=max(1, capacity // batch),
             extra={"encoding": self.encoding},
         )
         if not self.normalize:
-            log.warning("OpenAI-compatible servers decide normalisation themselves; --no-normalize is not sent")
+            log.warning(
+                "OpenAI-compatible servers decide normalisation themselves; --no-normalize is not sent"
+            )
         return self.info_
 
     def _build(self, texts: Sequence[str]):  # type: ignore[no-untyped-def]

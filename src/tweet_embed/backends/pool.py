@@ -165,5 +165,10 @@ class EndpointPool:
             rest = min(self.policy.max_rest, 0.5 * 2 ** (ep.consecutive_failures - self.policy.rest_after))
             ep.rest_until = time.monotonic() + rest
             if ep.consecutive_failures == self.policy.rest_after:
-                log.warning("resting %s for %.1fs after %d failures (%s)", ep.name, rest,
-                            ep.consecutive_failures, ep.last_error)
+                log.warning(
+                    "resting %s for %.1fs after %d failures (%s)",
+                    ep.name,
+                    rest,
+                    ep.consecutive_failures,
+                    ep.last_error,
+                )

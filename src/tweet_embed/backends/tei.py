@@ -65,18 +65,30 @@ class TEIBackend(HTTPBackend):
         if model is None:
             raise BackendError("cannot learn the model id from /info; give it with --model")
         if self.model and models and self.model not in models.values():
-            log.warning("--model %s given, but the servers report %s", self.model, next(iter(models.values())))
+            log.warning(
+                "--model %s given, but the servers report %s", self.model, next(iter(models.values()))
+            )
         if batch is None:
             batch = server_batch or DEFAULT_BATCH
         elif server_batch is not None and batch > server_batch:
-            log.warning("--batch-size %d is above the servers' max_client_batch_size %d; using %d",
-                        batch, server_batch, server_batch)
+            log.warning(
+                "--batch-size %d is above the servers' max_client_batch_size %d; using %d",
+                batch,
+                server_batch,
+                server_batch,
+            )
             batch = server_batch
-        probe = await self.request_vectors(["dimension probe"], self._build(["dimension probe"]), "embed_json")
+        probe = await self.request_vectors(
+            ["dimension probe"], self._build(["dimension probe"]), "embed_json"
+        )
         dim = int(probe.shape[1])
         capacity = sum(ep.capacity for ep in self.pool.endpoints)
         self.info_ = BackendInfo(
-            kind="tei", model=model, dim=dim, normalize=self.normalize, max_batch=batch,
+            kind="tei",
+            model=model,
+            dim=dim,
+            normalize=self.normalize,
+            max_batch=batch,
             max_in_flight=max(1, capacity // max(1, batch)),
         )
         return self.info_

@@ -42,8 +42,17 @@ def _payloads(plan: Plan, pending: list[Chunk]) -> Iterator[tuple[Chunk, bytes |
     yield from iter_chunk_bytes(plan, jsonl)
 
 
-def _worker_main(index: int, device: str, spec: BackendSpec, dirs: WorkDirs, plan: Plan, opts: dict[str, Any],
-                 version: str, tasks: Any, results: Any) -> None:
+def _worker_main(
+    index: int,
+    device: str,
+    spec: BackendSpec,
+    dirs: WorkDirs,
+    plan: Plan,
+    opts: dict[str, Any],
+    version: str,
+    tasks: Any,
+    results: Any,
+) -> None:
     """Body of one device process: build the backend, report ready, then embed and commit chunks."""
     from ..runner import read_parquet_block
     from ..worker import commit_chunk, embed_block
@@ -71,7 +80,8 @@ def _worker_main(index: int, device: str, spec: BackendSpec, dirs: WorkDirs, pla
             else:
                 block = parse_lines(payload, chunk.first_line, f.label, opts["id_field"], opts["text_field"])
             result = loop.run_until_complete(
-                embed_block(backend, block, info, dedupe=opts["dedupe_texts"], file_label=f.label))
+                embed_block(backend, block, info, dedupe=opts["dedupe_texts"], file_label=f.label)
+            )
             marker = commit_chunk(dirs, chunk, result, metadata)
             results.put(("done", index, chunk.n_lines, marker))
         loop.run_until_complete(backend.close())
@@ -83,8 +93,15 @@ def _worker_main(index: int, device: str, spec: BackendSpec, dirs: WorkDirs, pla
 class DevicePool:
     """Start one process per device; feed chunks; collect markers; fail fast and loud."""
 
-    def __init__(self, devices: list[str], spec: BackendSpec, dirs: WorkDirs, plan: Plan,
-                 opts: dict[str, Any], version: str) -> None:
+    def __init__(
+        self,
+        devices: list[str],
+        spec: BackendSpec,
+        dirs: WorkDirs,
+        plan: Plan,
+        opts: dict[str, Any],
+        version: str,
+    ) -> None:
         ctx = mp.get_context("spawn")  # CUDA cannot be forked
         self.devices = devices
         # Not daemonic: the local backend tokenizes in child processes of its own, which daemonic processes
@@ -94,8 +111,12 @@ class DevicePool:
         self.tasks = ctx.Queue(maxsize=2 * len(devices))
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker_main, name=f"tweet-embed-{d}", daemon=False,
-                        args=(i, d, spec, dirs, plan, opts, version, self.tasks, self.results))
+            ctx.Process(
+                target=_worker_main,
+                name=f"tweet-embed-{d}",
+                daemon=False,
+                args=(i, d, spec, dirs, plan, opts, version, self.tasks, self.results),
+            )
             for i, d in enumerate(devices)
         ]
         self.failed: str | None = None
@@ -161,9 +182,18 @@ class DevicePool:
                 p.join()
 
 
-def run_on_devices(devices: list[str], spec: BackendSpec, plan: Plan, pending: list[Chunk], dirs: WorkDirs,
-                   opts: dict[str, Any], output_options: dict[str, object], version: str,
-                   summary: Any, log_interval: float) -> None:
+def run_on_devices(
+    devices: list[str],
+    spec: BackendSpec,
+    plan: Plan,
+    pending: list[Chunk],
+    dirs: WorkDirs,
+    opts: dict[str, Any],
+    output_options: dict[str, object],
+    version: str,
+    summary: Any,
+    log_interval: float,
+) -> None:
     """Embed ``pending`` with one process per device; updates ``summary`` in place."""
     pool = DevicePool(devices, spec, dirs, plan, opts, version)
     pool.start()
@@ -178,7 +208,9 @@ def run_on_devices(devices: list[str], spec: BackendSpec, plan: Plan, pending: l
         model, dim, normalize = ready[0]
         summary.model, summary.dim = model, dim
         check_manifest(dirs, manifest_key(plan, model, dim, {**output_options, "normalize": normalize}))
-        log.info("%d device workers ready (%s): %s, %d dimensions", len(devices), ", ".join(devices), model, dim)
+        log.info(
+            "%d device workers ready (%s): %s, %d dimensions", len(devices), ", ".join(devices), model, dim
+        )
 
         feeder_error: list[BaseException] = []
 
