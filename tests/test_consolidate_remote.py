@@ -29,8 +29,9 @@ def test_s3_shards_to_s3_output_equals_local_and_reruns_are_noops(tmp_path, s3) 
     upload_dir(local_shards, "s3://store/run/shards")
     expected = consolidate(local_shards, str(tmp_path / "local-out"), target_size="20KB")
 
-    res = consolidate_staged("s3://store/run/shards", "s3://store/run/consolidated", str(tmp_path / "stage"),
-                             target_size="20KB")
+    res = consolidate_staged(
+        "s3://store/run/shards", "s3://store/run/consolidated", str(tmp_path / "stage"), target_size="20KB"
+    )
     assert res.manifest["files"] == expected.manifest["files"]
     assert res.manifest["duplicates"] == expected.manifest["duplicates"]
     assert expected.manifest["duplicates"]["rows_dropped"] == 1
@@ -40,11 +41,22 @@ def test_s3_shards_to_s3_output_equals_local_and_reruns_are_noops(tmp_path, s3) 
         with storage.open_raw(storage.join("s3://store/run/consolidated", f["name"])) as fh:
             assert pq.read_table(fh).equals(pq.read_table(os.path.join(tmp_path, "local-out", f["name"])))
 
-    again = consolidate_staged("s3://store/run/shards", "s3://store/run/consolidated", str(tmp_path / "stage"),
-                               target_size="20KB")
+    again = consolidate_staged(
+        "s3://store/run/shards", "s3://store/run/consolidated", str(tmp_path / "stage"), target_size="20KB"
+    )
     assert any("already up to date" in m for m in again.messages)
 
-    r = run_cli("consolidate", "--shards-dir", "s3://store/run/shards", "--out-dir", "s3://store/run/consolidated",
-                "--target-size", "20KB", "--stage-dir", str(tmp_path / "stage"), "--delete-shards")
+    r = run_cli(
+        "consolidate",
+        "--shards-dir",
+        "s3://store/run/shards",
+        "--out-dir",
+        "s3://store/run/consolidated",
+        "--target-size",
+        "20KB",
+        "--stage-dir",
+        str(tmp_path / "stage"),
+        "--delete-shards",
+    )
     assert r.returncode == 0, r.stderr
     assert storage.list_names("s3://store/run/shards") == []

@@ -35,7 +35,9 @@ def _copy_up(src: str, dest: str) -> None:
 def stage_shards(shards_uri: str, stage: str) -> list[str]:
     """Fetch ``part-*.parquet`` from ``shards_uri`` into ``stage`` (skipping complete copies); their names."""
     os.makedirs(stage, exist_ok=True)
-    names = sorted(n for n in storage.list_names(shards_uri) if n.startswith("part-") and n.endswith(".parquet"))
+    names = sorted(
+        n for n in storage.list_names(shards_uri) if n.startswith("part-") and n.endswith(".parquet")
+    )
     wanted = set(names)
     for n in os.listdir(stage):  # a shard deleted remotely must not survive in the stage
         if n not in wanted and n.startswith("part-"):
@@ -60,8 +62,12 @@ def publish_output(local_out: str, out_uri: str) -> int:
     if storage.read_bytes(storage.join(out_uri, MANIFEST)) == manifest:
         return 0
     files = sorted(n for n in os.listdir(local_out) if not n.startswith(".") and n != MANIFEST)
-    storage.parallel_map(lambda n: _copy_up(os.path.join(local_out, n), storage.join(out_uri, n)), files,
-                         remote=True, workers=4)
+    storage.parallel_map(
+        lambda n: _copy_up(os.path.join(local_out, n), storage.join(out_uri, n)),
+        files,
+        remote=True,
+        workers=4,
+    )
     for n in files:  # verify before committing: every object complete
         if storage.stat(storage.join(out_uri, n))[0] != os.path.getsize(os.path.join(local_out, n)):
             raise OSError(f"upload of {n} to {out_uri} is incomplete")
@@ -69,19 +75,23 @@ def publish_output(local_out: str, out_uri: str) -> int:
     return len(files) + 1
 
 
-def consolidate_staged(shards_dir: str, out_dir: str, stage_dir: str, *, delete_shards: bool = False,
-                       **kw: object) -> ConsolidateResult:
+def consolidate_staged(
+    shards_dir: str, out_dir: str, stage_dir: str, *, delete_shards: bool = False, **kw: object
+) -> ConsolidateResult:
     """:func:`consolidate` with remote shards and/or output, through a local stage."""
     local_shards = shards_dir
     if storage.is_uri(shards_dir):
         local_shards = os.path.join(stage_dir, "shards")
         stage_shards(shards_dir, local_shards)
     local_out = os.path.join(stage_dir, "consolidated") if storage.is_uri(out_dir) else out_dir
-    result = consolidate(local_shards, local_out, delete_shards=delete_shards and local_shards == shards_dir,
-                         **kw)  # type: ignore[arg-type]
+    result = consolidate(
+        local_shards, local_out, delete_shards=delete_shards and local_shards == shards_dir, **kw
+    )  # type: ignore[arg-type]
     if storage.is_uri(out_dir):
         n = publish_output(local_out, out_dir)
-        result.messages.append(f"uploaded {n} file(s) to {out_dir}" if n else f"{out_dir} is already up to date")
+        result.messages.append(
+            f"uploaded {n} file(s) to {out_dir}" if n else f"{out_dir} is already up to date"
+        )
     if delete_shards and local_shards != shards_dir:  # remote shards go only once the output is committed
         for name in os.listdir(local_shards):
             if name.startswith("part-"):
