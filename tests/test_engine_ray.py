@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import logging
 import os
 import re
 import signal
@@ -33,7 +32,7 @@ from tweet_embed.runner import EmbedOptions, run_embed
 from tweet_embed.synth import synth_tweets
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import ROOT
+from conftest import ROOT, moto_s3
 
 ray = pytest.importorskip("ray")
 DIM = 16
@@ -46,41 +45,8 @@ PROBE = "dimension probe"  # TEI backends send it once per started client
 
 @pytest.fixture(scope="module")
 def s3():
-    """A local S3-compatible server (moto); endpoint and keys in the environment, as on a real cluster."""
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage.clear_cache()
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"{host}:{port}",
-        scheme="http",
-        access_key="test",
-        secret_key="test",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    fs.create_dir("bucket")
-    yield fs
-    srv.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    storage.clear_cache()
+    with moto_s3("bucket") as fs:
+        yield fs
 
 
 @pytest.fixture(scope="module")

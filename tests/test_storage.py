@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import logging
 import os
 
 import numpy as np
@@ -22,45 +21,15 @@ from tweet_embed.runner import EmbedOptions, run_embed
 from tweet_embed.status import run_status
 from tweet_embed.testserver import TEIServer, expected_vectors
 
+from conftest import moto_s3
+
 DIM = 8
 
 
 @pytest.fixture(scope="module")
 def s3():
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    storage.clear_cache()
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"{host}:{port}",
-        scheme="http",
-        access_key="test",
-        secret_key="test",
-        region="us-east-1",
-        allow_bucket_creation=True,
-    )
-    fs.create_dir("store")
-    yield fs
-    srv.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    storage.clear_cache()
+    with moto_s3("store") as fs:
+        yield fs
 
 
 def corpus(n: int) -> tuple[bytes, list[tuple[str, str]]]:
