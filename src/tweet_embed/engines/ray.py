@@ -7,7 +7,7 @@ local engine's chunks are embedded and committed:
 
 * HTTP backends (TEI, OpenAI-compatible): a Ray **task** per chunk (``num_cpus`` each, any node). Each Ray
   worker process builds its own client from the picklable backend spec once and keeps it for later tasks (a
-  persistent event loop per process; aiohttp sessions are never pickled).
+  persistent event loop per process; HTTP connections are never pickled).
 * The in-process model: ``num_gpus=1`` **actors**, one per GPU in the cluster, each loading the model once;
   chunks go to whichever actor is free (two at a time, so writing one shard overlaps the next chunk).
 
