@@ -380,23 +380,28 @@ def _extra_runs(
                 "ratio_main": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
                 "ratio_tree": round(large["peak_tree_rss_mb"] / small["peak_tree_rss_mb"], 3),
             }
-        # resume of a finished run of N chunks
-        lines_per_chunk = max(1, args.lines // args.resume_chunks)
-        work = os.path.join(tmp, "resume")
-        cmd = embed_cmd(inp, work, "--openai-urls", url, args.workers, "--chunk-size", str(lines_per_chunk))
-        first = run_measured(cmd)
-        before = srv.counters["requests"]
-        again = run_measured(cmd)
-        sent = srv.counters["requests"] - before
-        n_chunks = len([n for n in os.listdir(os.path.join(work, "shards")) if n.endswith(".parquet")])
-        record["resume"] = {
-            "chunks": n_chunks,
-            "first_run_s": round(first["seconds"], 2),
-            "resume_s": round(again["seconds"], 3),
-            "requests_sent": sent,
-        }
-        print(f"resume of {n_chunks} finished chunks: {again['seconds']:.2f}s, {sent} requests", flush=True)
-        shutil.rmtree(work, ignore_errors=True)
+        # resume of a finished run of N chunks (0: skipped)
+        if args.resume_chunks:
+            lines_per_chunk = max(1, args.lines // args.resume_chunks)
+            work = os.path.join(tmp, "resume")
+            cmd = embed_cmd(
+                inp, work, "--openai-urls", url, args.workers, "--chunk-size", str(lines_per_chunk)
+            )
+            first = run_measured(cmd)
+            before = srv.counters["requests"]
+            again = run_measured(cmd)
+            sent = srv.counters["requests"] - before
+            n_chunks = len([n for n in os.listdir(os.path.join(work, "shards")) if n.endswith(".parquet")])
+            record["resume"] = {
+                "chunks": n_chunks,
+                "first_run_s": round(first["seconds"], 2),
+                "resume_s": round(again["seconds"], 3),
+                "requests_sent": sent,
+            }
+            print(
+                f"resume of {n_chunks} finished chunks: {again['seconds']:.2f}s, {sent} requests", flush=True
+            )
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _chart(record: dict[str, Any], path: str) -> None:

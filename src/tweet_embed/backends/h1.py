@@ -251,8 +251,9 @@ class H1Client:
                 self.connect_timeout,
             )
         except asyncio.TimeoutError:
-            raise ConnectError(f"cannot connect to {t.host_header}: no answer within "
-                               f"{self.connect_timeout:.0f}s") from None
+            raise ConnectError(
+                f"cannot connect to {t.host_header}: no answer within {self.connect_timeout:.0f}s"
+            ) from None
         except ssl.SSLError as exc:
             raise ConnectError(f"cannot connect to {t.host_header}: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:

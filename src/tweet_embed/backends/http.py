@@ -171,7 +171,9 @@ class HTTPBackend(Backend):
         try:
             status, body = await session.request("POST", path_url, payload)
         except asyncio.TimeoutError as exc:
-            raise RetryableError("timeout", f"{ep.name}: no answer within {self.request_timeout:.0f}s") from exc
+            raise RetryableError(
+                "timeout", f"{ep.name}: no answer within {self.request_timeout:.0f}s"
+            ) from exc
         except (HTTPError, OSError) as exc:
             raise RetryableError("connection", f"{ep.name}: {type(exc).__name__}: {exc}") from exc
         if status == 200:
