@@ -84,9 +84,8 @@ def consolidate_staged(
         local_shards = os.path.join(stage_dir, "shards")
         stage_shards(shards_dir, local_shards)
     local_out = os.path.join(stage_dir, "consolidated") if storage.is_uri(out_dir) else out_dir
-    result = consolidate(
-        local_shards, local_out, delete_shards=delete_shards and local_shards == shards_dir, **kw
-    )  # type: ignore[arg-type]
+    delete_local = delete_shards and local_shards == shards_dir
+    result = consolidate(local_shards, local_out, delete_shards=delete_local, **kw)  # type: ignore[arg-type]
     if storage.is_uri(out_dir):
         n = publish_output(local_out, out_dir)
         result.messages.append(
