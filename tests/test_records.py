@@ -101,3 +101,71 @@ def test_iter_records_gzip_and_missing(tmp_path) -> None:
         list(iter_records(str(tmp_path / "nope.jsonl")))
     with pytest.raises(InputError, match="directory"):
         list(iter_records(str(tmp_path)))
+
+
+def _reference(data: bytes, first_line: int, id_field: str = "_id", text_field: str = "text"):
+    """The per-line rules applied line by line: what parse_lines must return, fast path or not."""
+    from tweet_embed.records import split_lines
+
+    ids, texts, lines, rejects = [], [], [], []
+    for lineno, raw in split_lines(data, first_line):
+        r = parse_line(raw, id_field, text_field)
+        if isinstance(r, str):
+            rejects.append((lineno, r))
+        else:
+            ids.append(r[0])
+            texts.append(r[1])
+            lines.append(lineno)
+    return ids, texts, lines, rejects
+
+
+CLEAN_LINES = [
+    b'{"_id": "a1", "text": "hello"}',
+    b'{"text": "caf\\u00e9 \\ud83d\\ude00 \xe2\x9c\x93", "_id": "b2", "extra": [1, {"x": null}]}',
+    b'{"_id": "c3", "text": "tab\\tand\\nnewline"}\r',  # CRLF file
+    b'{"_id": "d4", "text": " spaced "}   ',
+]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"",  # all clean: the fast path
+        b"\n",  # a blank line
+        b'{"_id": 5, "text": "int id among string ids"}',
+        b'{"_id": "e5", "text": ""}',
+        b'{"_id": "e5", "text": "lone \\ud800 surrogate"}',
+        b'{"_id": {"$oid": "65f0"}, "text": "extended json id"}',
+        b'{"_id": 123456789012345678901234567890, "text": "id beyond 64 bits"}',
+        b'{"_id": true, "text": "bool id"}',
+        b'{"_id": "e5", "text": 7}',
+        b'{"_id": "e5"}',
+        b"[1, 2]",
+        b'{"_id": "e5", "text": "x"} {"_id": "e6", "text": "y"}',
+        b"not json",
+        b"\xef\xbb\xbf" + b'{"_id": "bom", "text": "x"}',
+    ],
+)
+def test_parse_lines_fast_path_matches_the_per_line_rules(extra: bytes) -> None:
+    for first_line in (1, 1001):
+        data = b"\n".join(CLEAN_LINES[:2] + [extra] + CLEAN_LINES[2:]) + b"\n"
+        if extra.startswith(b"\xef\xbb\xbf"):
+            data = extra + b"\n" + b"\n".join(CLEAN_LINES)
+        b = parse_lines(data, first_line, "f")
+        ids, texts, lines, rejects = _reference(data, first_line)
+        assert (b.ids, b.texts, b.lines) == (ids, texts, lines)
+        assert [(r.line, r.reason) for r in b.rejects] == rejects
+
+
+def test_parse_lines_clean_blocks_take_the_fast_path(monkeypatch) -> None:
+    """A clean block never reaches the per-line parser; its result equals the per-line rules."""
+    import tweet_embed.records as records
+
+    int_ids = b"\n".join(b'{"_id": %d, "text": "t%d"}' % (i, i) for i in range(50))
+    blocks = [b"\n".join(CLEAN_LINES) + b"\n", b"\n".join(CLEAN_LINES), int_ids]
+    expected = [_reference(d, 7) for d in blocks]
+    monkeypatch.setattr(records, "parse_line", lambda *a: pytest.fail("per-line path used"))
+    for data, (ids, texts, lines, rejects) in zip(blocks, expected, strict=True):
+        b = parse_lines(data, 7, "f")
+        assert (b.ids, b.texts, b.lines, b.rejects) == (ids, texts, lines, rejects) and not rejects
+    assert parse_lines(int_ids, 1, "f").ids[:3] == ["0", "1", "2"]

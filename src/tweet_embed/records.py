@@ -295,6 +295,9 @@ def parse_lines(
     text_field: str = "text",
 ) -> ParsedBlock:
     """Parse a block of lines into parallel id/text/line lists and rejects (kept in input order)."""
+    fast = _parse_clean_block(data, first_line, id_field, text_field)
+    if fast is not None:
+        return fast
     batch = ParsedBlock([], [], [], [])
     for lineno, raw in split_lines(data, first_line):
         result = parse_line(raw, id_field, text_field)
@@ -305,6 +308,37 @@ def parse_lines(
             batch.texts.append(result[1])
             batch.lines.append(lineno)
     return batch
+
+
+def _parse_clean_block(data: bytes, first_line: int, id_field: str, text_field: str) -> ParsedBlock | None:
+    """The common block in a few C-speed passes (about 3x the per-line path); None when any line needs the
+    per-line rules (blank, BOM, malformed, unusual id or text), which then parse the whole block.
+
+    Why it is exact: every line goes through ``orjson.loads`` on its own, and the result is accepted only
+    when each line holds an object with a non-empty string or 64-bit integer id and a non-empty string
+    text. orjson refuses lone surrogates, so no text needs :func:`clean_text`.
+    """
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        return None
+    loads = orjson.loads
+    try:
+        objs = [loads(raw) for raw in lines]  # a blank line or a BOM raises as well
+        ids = [o[id_field] for o in objs]
+        texts = [o[text_field] for o in objs]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
+    if not all(type(t) is str and t for t in texts):
+        return None
+    if all(type(i) is str and i for i in ids):
+        pass
+    elif all(type(i) is int for i in ids):
+        ids = list(map(str, ids))
+    else:
+        return None
+    return ParsedBlock(ids, texts, list(range(first_line, first_line + len(lines))), [])
 
 
 def iter_records(
