@@ -191,12 +191,245 @@ _WORKER_TOK: Any = None
 
 
 def encode_ids(tok: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize with a ``tokenizers.Tokenizer``: flat int32 ids and int64 lengths (no Encoding kept)."""
+    """Tokenize: flat int32 ids and int64 lengths (no Encoding kept).
+
+    ``tok`` is a ``tokenizers.Tokenizer`` or its :class:`WordCacheTokenizer` (same ids, less CPU).
+    """
+    if isinstance(tok, WordCacheTokenizer):
+        return tok.encode(texts)
     encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
     ids = [e.ids for e in encode(list(texts), add_special_tokens=True)]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     return flat, lengths
+
+
+def fast_tokenizer(tok: Any) -> Any:
+    """``tok`` wrapped in a :class:`WordCacheTokenizer` when that gives the same ids, else ``tok`` itself
+    (``TWEET_EMBED_FAST_TOKENIZER=0`` keeps the plain tokenizer, for comparisons)."""
+    if os.environ.get("TWEET_EMBED_FAST_TOKENIZER", "1") == "0":
+        return tok
+    return WordCacheTokenizer.for_tokenizer(tok) or tok
+
+
+# ASCII characters that BertNormalizer(clean_text) deletes (Cc other than \t \n \r); they may sit inside a
+# word, so the ASCII word pattern takes them in and a word's ids are looked up with them removed
+_ASCII_CONTROL = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
+_ASCII_CONTROL_RE = re.compile(f"[{_ASCII_CONTROL}]")
+_ASCII_WORDS = re.compile(f"[0-9a-z{_ASCII_CONTROL}]+|[!-/:-@\\[-`{{-~]")
+_UNSAFE = "\U0010ffff"  # a noncharacter: what the character table gives for a character it cannot map
+
+# texts the fast path must get right before it is used (checked against the tokenizer when it is built)
+PROBE_TEXTS = (
+    "",
+    " ",
+    "\t\n\r ",
+    "Hello World! HELLO, world?",
+    "café Ñandú naïve résumé Ångström ÉCOLE",
+    "e\u0301 a\u0308\u0323 x\u0323\u0301 \u0301alone",
+    "中文字符 日本語のテキスト 한국어 텍스트",
+    "emoji 😂😂 👍🏽 🌧️ 👨‍👩‍👧 🇬🇧 ❤️ #tag @user",
+    "ctrl\x00a\x07b\x0bc\x0cd\x1fe\x7ff\u200bg\ufeffh\u00adi\u2028j\u00a0k\u3000l\x85m",
+    "مرحبا بالعالم שלום עולם",
+    "ΣΊΣΥΦΟΣ ὈΔΥΣΣΕΎΣ İstanbul ǅemal ﬁne ＦＵＬＬ ①②",
+    "हिन्दी भाषा ไทย",
+    "punct: «quotes» „low“ ‘x’ — – … ¿qué? ¡sí! 【x】 ・ ؟ ، ।",
+    "https://t.co/AbC123?x=1&y=2 RT @Some_One: $5.99 100% 3.14",
+    "[CLS] [SEP] [MASK] [UNK] [PAD] [ notatoken ]",
+    "x" * 101,
+    "supercalifragilisticexpialidocious " * 60,
+)
+
+
+class _CharTable(dict[int, str]):
+    """``str.translate`` table filled on first sight of a character (``__missing__``) from the Rust
+    normalizer and pre-tokenizer themselves: what the character normalizes to, whitespace as a space and
+    punctuation padded with spaces, so ``text.translate(table).split()`` gives the pre-tokenized words.
+    A character whose treatment could depend on its neighbours maps to ``_UNSAFE``."""
+
+    def __init__(self, normalizer: Any, pre_tokenizer: Any) -> None:
+        super().__init__()
+        self._norm = normalizer
+        self._pre = pre_tokenizer
+
+    def __missing__(self, code: int) -> str:
+        value = self._map(chr(code))
+        self[code] = value
+        return value
+
+    def _map(self, ch: str) -> str:
+        import unicodedata
+
+        if ch == _UNSAFE or 0xD800 <= ord(ch) <= 0xDFFF:
+            return _UNSAFE
+        try:
+            normalized = self._norm.normalize_str(ch)
+        except Exception:  # noqa: BLE001 - anything the Rust side refuses goes through the tokenizer
+            return _UNSAFE
+        # NFD puts combining marks in canonical order across characters, so mapping one character at a time
+        # is exact only if no mark of class > 0 survives accent stripping (the nonspacing ones are removed;
+        # Python's Unicode tables are at least as new as the Rust crate's, and classes never change)
+        if any(
+            unicodedata.combining(c) and unicodedata.category(c) != "Mn"
+            for c in unicodedata.normalize("NFD", ch)
+        ):
+            return _UNSAFE
+        out = []
+        for c in normalized:
+            if unicodedata.combining(c):
+                return _UNSAFE
+            words = [w for w, _ in self._pre.pre_tokenize_str(f"a{c}a")]
+            if words == ["a", "a"]:
+                out.append(" ")  # whitespace
+            elif words == ["a", c, "a"]:
+                out.append(f" {c} ")  # punctuation: a word of its own
+            elif words == [f"a{c}a"] and not c.isspace():
+                out.append(c)  # part of a word (and str.split must not cut there)
+            else:
+                return _UNSAFE
+        return "".join(out)
+
+
+def _special_affixes(post: dict[str, Any]) -> tuple[list[int], list[int]] | None:
+    """Ids the post-processor puts before and after a single text, or None if it does something else."""
+    kind = post.get("type")
+    if kind is None:
+        return [], []
+    if kind == "BertProcessing":
+        return [int(post["cls"][1])], [int(post["sep"][1])]
+    if kind != "TemplateProcessing":
+        return None
+    specials = post.get("special_tokens") or {}
+    parts: list[list[int]] = [[]]
+    for item in post.get("single") or []:
+        if "Sequence" in item:
+            parts.append([])
+        elif "SpecialToken" in item:
+            parts[-1].extend(int(i) for i in specials[item["SpecialToken"]["id"]]["ids"])
+        else:
+            return None
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+class WordCacheTokenizer:
+    """The token ids of a BERT-style ``tokenizers.Tokenizer`` (BertNormalizer, BertPreTokenizer, WordPiece,
+    special tokens around the text, right truncation) for a fraction of its CPU per text.
+
+    Why: the Rust tokenizer spends most of its time per text on bookkeeping that is never read here
+    (alignments of the normalized string, offsets, token strings, Encoding objects), and on a GPU the
+    tokenizer was the limit of the whole pipeline. Here a text is normalized and split into words in a few C
+    calls (``lower`` and a regex for ASCII; for other texts ``translate`` through a per-character table made
+    from the Rust normalizer and pre-tokenizer, then ``split``), and each word's ids come from a dict that the
+    Rust WordPiece model fills on a word's first sight. Texts it cannot treat exactly (holding an added token
+    such as ``[SEP]``, or a character whose normalization depends on its neighbours) go through the tokenizer.
+    Build with :meth:`for_tokenizer`: None when the tokenizer is of another kind or a self-check differs.
+    """
+
+    CACHE_WORDS = 1 << 18  # the word cache is emptied when it holds more (some tens of MB)
+
+    def __init__(self, tok: Any, prefix: list[int], suffix: list[int], max_len: int | None) -> None:
+        from tokenizers import Tokenizer
+
+        self.tok = tok
+        self._wordpiece = Tokenizer(tok.model)  # the model alone: no normalizer, pre-tokenizer, added tokens
+        self._prefix = tuple(prefix)
+        self._suffix = tuple(suffix)
+        # the tokenizer truncates a text's own tokens to max_length less the special tokens
+        self._room = None if max_len is None else max(0, max_len - len(prefix) - len(suffix))
+        self._added = tuple(sorted({a.content for a in tok.get_added_tokens_decoder().values()}))
+        firsts = {a[0] for a in self._added if a}
+        self._trigger = firsts.pop() if len(firsts) == 1 else ""  # a character every added token starts with
+        self._table = _CharTable(tok.normalizer, tok.pre_tokenizer)
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self.fallbacks = 0  # texts that went through the tokenizer itself
+
+    @classmethod
+    def for_tokenizer(cls, tok: Any) -> WordCacheTokenizer | None:
+        """The fast path for ``tok`` when its pipeline is one this class reproduces exactly, else None."""
+        try:
+            spec = json.loads(tok.to_str())
+            norm, pre, model, post = (
+                spec.get(k) or {} for k in ("normalizer", "pre_tokenizer", "model", "post_processor")
+            )
+            trunc = spec.get("truncation")
+            if (
+                norm.get("type") != "BertNormalizer"
+                or pre.get("type") != "BertPreTokenizer"
+                or model.get("type") != "WordPiece"
+                or spec.get("padding") is not None
+                or (trunc is not None and (trunc.get("stride") != 0 or trunc.get("direction") != "Right"))
+                # added tokens matched on the normalized text would escape the raw-text check
+                or any(a.get("normalized") for a in spec.get("added_tokens") or [])
+            ):
+                return None
+            affixes = _special_affixes(post)
+            if affixes is None:
+                return None
+            fast = cls(tok, *affixes, None if trunc is None else int(trunc["max_length"]))
+            probe = [*PROBE_TEXTS, *(f"aB{chr(c)}Cd" for c in range(128))]
+            want = [e.ids for e in tok.encode_batch(probe)]
+            flat, lengths = fast.encode(probe)
+        except Exception as exc:  # noqa: BLE001 - the fast path is an optimisation
+            log.warning("fast tokenizer path unavailable (%s)", exc)
+            return None
+        got = np.split(flat, np.cumsum(lengths)[:-1])
+        if [g.tolist() for g in got] != want:
+            log.warning("fast tokenizer path differs from the tokenizer on its self-check: not used")
+            return None
+        fast.fallbacks = 0
+        return fast
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Flat int32 ids and int64 lengths, the same as :func:`encode_ids` with the tokenizer gives."""
+        if len(self._cache) > self.CACHE_WORDS:
+            self._cache.clear()
+        n = len(texts)
+        rows: list[Any] = [None] * n
+        pending: list[tuple[int, list[str]]] = []
+        slow: list[int] = []
+        table, unsafe, added, trigger = self._table, _UNSAFE, self._added, self._trigger
+        find_words, chain, get = _ASCII_WORDS.findall, itertools.chain.from_iterable, self._cache.__getitem__
+        pre, suf, room = self._prefix, self._suffix, self._room
+        for i, text in enumerate(texts):
+            if (trigger in text or not trigger) and any(a in text for a in added):
+                slow.append(i)
+                continue
+            if text.isascii():
+                words = find_words(text.lower())
+            else:
+                norm = text.translate(table)
+                if unsafe in norm:
+                    slow.append(i)
+                    continue
+                words = norm.split()
+            try:
+                inner = list(chain(map(get, words)))
+            except KeyError:
+                pending.append((i, words))
+                continue
+            if room is not None and len(inner) > room:
+                del inner[room:]
+            rows[i] = (pre, inner, suf)
+        if pending:
+            cache = self._cache
+            new = list({w for _, words in pending for w in words if w not in cache})
+            clean = [_ASCII_CONTROL_RE.sub("", w) for w in new]
+            for w, e in zip(
+                new, self._wordpiece.encode_batch_fast(clean, add_special_tokens=False), strict=True
+            ):
+                cache[w] = tuple(e.ids)
+            for i, words in pending:
+                inner = list(chain(map(get, words)))
+                if room is not None and len(inner) > room:
+                    del inner[room:]
+                rows[i] = (pre, inner, suf)
+        if slow:
+            self.fallbacks += len(slow)
+            for i, e in zip(slow, self.tok.encode_batch_fast([texts[i] for i in slow]), strict=True):
+                rows[i] = ((), e.ids, ())
+        lengths = np.fromiter((len(a) + len(b) + len(c) for a, b, c in rows), dtype=np.int64, count=n)
+        flat = np.fromiter(chain(chain(rows)), dtype=np.int32, count=int(lengths.sum()))
+        return flat, lengths
 
 
 def _tok_init(path: str, max_len: int) -> None:
@@ -205,9 +438,10 @@ def _tok_init(path: str, max_len: int) -> None:
     from tokenizers import Tokenizer
 
     global _WORKER_TOK
-    _WORKER_TOK = Tokenizer.from_file(path)
-    _WORKER_TOK.no_padding()
-    _WORKER_TOK.enable_truncation(max_length=max_len)
+    tok = Tokenizer.from_file(path)
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_len)
+    _WORKER_TOK = fast_tokenizer(tok)
 
 
 def _tok_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -405,6 +639,7 @@ class LocalBackend(Backend):
         self._model: Any = None
         self._st: Any = None  # SentenceTransformer when the fast pipeline does not apply
         self._tok: Any = None
+        self._enc: Any = None  # what tokenizes: the tokenizer's WordCacheTokenizer, or the tokenizer itself
         self._pooling = "mean"
         self._max_len = 256
         self._dim = 0
@@ -546,6 +781,7 @@ class LocalBackend(Backend):
         tok = Tokenizer.from_file(self._tok_path)
         tok.no_padding()
         tok.enable_truncation(max_length=max_len)
+        self._enc = fast_tokenizer(tok)
         return tok
 
     def _finish_model(self, model: Any, dtype: Any) -> None:
@@ -805,7 +1041,7 @@ class LocalBackend(Backend):
                 self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
         if flat is None or lengths is None:
-            flat, lengths = encode_ids(self._tok, texts)
+            flat, lengths = encode_ids(self._enc, texts)
         offsets = np.zeros(n, dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
         return flat, offsets, lengths
