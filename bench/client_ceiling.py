@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Client throughput ceiling: is ``tweet-embed embed`` ever the bottleneck in front of fast GPUs?
 
-A fast test server (``tweet_embed.testserver`` in its own process, ``precomputed=True``: cached answer
-bodies, so the server is never the limit) answers every request. On the same generated input
+A fast server (``bench/fast_server.py`` in its own process: the test server's answer bodies cached and sent
+from a bare asyncio protocol, so the server is never the limit and takes little of the shared cores;
+``--server testserver`` uses ``tweet_embed.testserver``'s fast mode instead) answers every request. On the same generated input
 (``--lines``, default 200k tweet-like JSONL lines) and in one run, at 384 and 1,024 dimensions:
 
 1. ``naive``: ``bench/naive_client.py`` (aiohttp, ``await resp.json()``, batches of 32, 8 requests in
@@ -16,7 +17,8 @@ bodies, so the server is never the limit) answers every request. On the same gen
 Then: peak RSS of ``embed`` over ``--rss-lines`` (default 2M) lines against the 200k-line run, and the time
 of resuming a finished run of 1,000 chunks (and the requests it sent: none).
 
-Every run is a subprocess; wall time includes Python start-up. Peak RSS: the kernel's ``ru_maxrss`` of the
+Every run is a subprocess; wall time includes Python start-up (``x_limit``); ``x_limit_own_clock`` uses
+``embed``'s own clock (start of the run to its last shard), like the limit's loop. Peak RSS: the kernel's ``ru_maxrss`` of the
 main process (``os.wait4``) and the sampled sum over its process tree (decode workers included). The server
 has the same batch limit for everybody (TEI's default ``max_client_batch_size`` 32).
 
@@ -198,6 +200,13 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="rounds of every configuration; the best is kept")
     p.add_argument("--client-cpus", help="pin the clients to these CPUs, e.g. 0,1 (default: all)")
     p.add_argument("--server-cpus", help="pin the test server to these CPUs, e.g. 2,3 (default: all)")
+    p.add_argument(
+        "--server",
+        choices=("fast", "testserver"),
+        default="fast",
+        help="fast: bench/fast_server.py (cached bodies, ~30 µs per request); testserver: "
+        "tweet_embed.testserver's fast mode (aiohttp, validates like TEI, ~180 µs per request)",
+    )
     p.add_argument("--quick", action="store_true", help="20k lines, no RSS run, 100-chunk resume")
     p.add_argument("--out", default=os.path.join(RESULTS, "client_ceiling.json"))
     p.add_argument("--limit-worker", action="store_true", help=argparse.SUPPRESS)
@@ -228,6 +237,7 @@ def main() -> int:
             "loadavg_start": loadavg(),
             "client_cpus": sorted(CLIENT_CPUS) if CLIENT_CPUS else "all",
             "server_cpus": args.server_cpus or "all",
+            "server": args.server,
         },
         "lines": args.lines,
         "batch": BATCH,
@@ -333,6 +343,11 @@ def _row(r: dict[str, Any], lines: int) -> dict[str, Any]:
 
 
 def _server(args: argparse.Namespace, dim: int) -> Any:
+    if args.server == "fast":
+        sys.path.insert(0, HERE)
+        from fast_server import FastServer
+
+        return FastServer.spawn(dim, cpus=cpu_list(args.server_cpus), batch=BATCH)
     from tweet_embed.testserver import TEIServer
 
     return TEIServer.spawn_process(
@@ -348,6 +363,8 @@ def _ratios(res: dict[str, Any]) -> None:
             row["x_naive"] = round(row["docs_per_s"] / base["docs_per_s"], 2)
             row["x_naive_per_cpu_s"] = round(row["docs_per_cpu_s"] / base["docs_per_cpu_s"], 2)
         row["x_limit"] = round(row["docs_per_s"] / res[limit]["docs_per_s"], 2)
+        if row.get("own_clock_docs_per_s"):  # without interpreter start-up, like the limit's own clock
+            row["x_limit_own_clock"] = round(row["own_clock_docs_per_s"] / res[limit]["docs_per_s"], 2)
 
 
 def _extra_runs(
