@@ -161,11 +161,42 @@ def test_added_tokens_go_through_the_tokenizer(tok):
 
 def test_a_full_cache_is_emptied_and_ids_stay_the_same(tok, monkeypatch):
     f = WordCacheTokenizer.for_tokenizer(tok)
-    monkeypatch.setattr(f, "CACHE_WORDS", 50)
+    monkeypatch.setattr(f, "CACHE_ENTRIES", 50)
     texts = [t for _, t in synth_tweets(3000, 5)]
     for i in range(0, len(texts), 300):
         assert fast_ids(f, texts[i : i + 300]) == reference_ids(tok, texts[i : i + 300])
-        assert len(f._cache) <= 50 + 3000  # emptied at the start of a call once past the limit
+        # emptied at the start of a call once past the limit, so at most one call's worth above it
+        assert len(f._chunks) <= 50 + 300 * 60 and len(f._words) <= 50 + 300 * 60
+    assert fast_ids(f, texts[:10]) == reference_ids(tok, texts[:10])
+    assert len(f._chunks) < 300
+
+
+def test_odd_texts_mixed_with_plain_ones_keep_their_places(tok):
+    """Texts that cannot be joined (separator characters, added tokens, refused characters, surrogate-free
+    but tricky) interleaved with plain ones: each row's ids in its own place."""
+    f = WordCacheTokenizer.for_tokenizer(tok)
+    odd = [
+        "record\x1esep",
+        "vertical\x0btab",
+        "form\x0cfeed",
+        "has [SEP] token",
+        "NFD-reordered \U0001d165\u0301\U0001d16d mark",
+        "",
+    ]
+    plain = [t for _, t in synth_tweets(40, 4)]
+    rng = random.Random(1)
+    for _ in range(20):
+        texts = rng.sample(plain, 10) + rng.sample(odd, rng.randint(1, len(odd)))
+        rng.shuffle(texts)
+        assert fast_ids(f, texts) == reference_ids(tok, texts)
+    assert fast_ids(f, odd) == reference_ids(tok, odd)
+
+
+def test_lone_surrogates_are_refused_like_the_tokenizer_does(tok, fast):
+    with pytest.raises(Exception) as want:
+        tok.encode_batch(["ok", "bad \ud83d half"])
+    with pytest.raises(type(want.value)):
+        fast.encode(["ok", "bad \ud83d half"])
 
 
 def test_other_pipelines_are_not_taken(tok):
@@ -213,3 +244,16 @@ def test_encode_ids_and_the_switch(tok, fast, monkeypatch):
 def test_empty_batch(fast):
     flat, lengths = fast.encode([])
     assert flat.shape == (0,) and lengths.shape == (0,)
+
+
+def test_threads_sharing_one_fast_tokenizer(tok, monkeypatch):
+    """Two embed threads may tokenize in one process at once (no tokenizer processes): same ids."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = WordCacheTokenizer.for_tokenizer(tok)
+    monkeypatch.setattr(f, "CACHE_ENTRIES", 100)  # emptied often, while the other thread works
+    texts = [t for _, t in synth_tweets(4000, 8)]
+    pieces = [texts[i : i + 250] for i in range(0, len(texts), 250)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda p: fast_ids(f, p), pieces))
+    assert got == [reference_ids(tok, p) for p in pieces]

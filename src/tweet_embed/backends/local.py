@@ -212,12 +212,14 @@ def fast_tokenizer(tok: Any) -> Any:
     return WordCacheTokenizer.for_tokenizer(tok) or tok
 
 
-# ASCII characters that BertNormalizer(clean_text) deletes (Cc other than \t \n \r); they may sit inside a
-# word, so the ASCII word pattern takes them in and a word's ids are looked up with them removed
-_ASCII_CONTROL = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
-_ASCII_CONTROL_RE = re.compile(f"[{_ASCII_CONTROL}]")
-_ASCII_WORDS = re.compile(f"[0-9a-z{_ASCII_CONTROL}]+|[!-/:-@\\[-`{{-~]")
 _UNSAFE = "\U0010ffff"  # a noncharacter: what the character table gives for a character it cannot map
+# A call's texts are joined with _JOIN between them, encoded to UTF-8, ASCII-lowercased and cut at ASCII
+# whitespace by bytes.split, C-speed passes over the whole call. _JOIN is a control character (a text holding
+# one takes the per-text path); so are \x0b and \x0c, which bytes.split cuts at but the normalizer deletes.
+_JOIN = "\x1e"
+_NOT_JOINABLE = ("\x1e", "\x0b", "\x0c")
+_BOUNDARY = -1  # the id a text boundary looks up to
+_REFUSED = -2  # the id a chunk holding a character without a table entry looks up to
 
 # texts the fast path must get right before it is used (checked against the tokenizer when it is built)
 PROBE_TEXTS = (
@@ -315,17 +317,19 @@ class WordCacheTokenizer:
     """The token ids of a BERT-style ``tokenizers.Tokenizer`` (BertNormalizer, BertPreTokenizer, WordPiece,
     special tokens around the text, right truncation) for a fraction of its CPU per text.
 
-    Why: the Rust tokenizer spends most of its time per text on bookkeeping that is never read here
-    (alignments of the normalized string, offsets, token strings, Encoding objects), and on a GPU the
-    tokenizer was the limit of the whole pipeline. Here a text is normalized and split into words in a few C
-    calls (``lower`` and a regex for ASCII; for other texts ``translate`` through a per-character table made
-    from the Rust normalizer and pre-tokenizer, then ``split``), and each word's ids come from a dict that the
-    Rust WordPiece model fills on a word's first sight. Texts it cannot treat exactly (holding an added token
-    such as ``[SEP]``, or a character whose normalization depends on its neighbours) go through the tokenizer.
-    Build with :meth:`for_tokenizer`: None when the tokenizer is of another kind or a self-check differs.
+    Why: the Rust tokenizer spends most of its time per text on bookkeeping never read here (alignments of
+    the normalized string, offsets, token strings, Encoding objects), and on a GPU the tokenizer was the limit
+    of the whole pipeline. Here a call's texts are joined, UTF-8 encoded, ASCII-lowercased and cut at ASCII
+    whitespace in a few C passes, and each whitespace-free chunk's ids come from a dict. A chunk seen for the
+    first time is normalized and pre-tokenized through a per-character ``str.translate`` table made from the
+    Rust normalizer and pre-tokenizer themselves (exact: BERT normalization works character by character, see
+    :class:`_CharTable`), and its words' ids come from a second dict that the Rust WordPiece model fills.
+    Texts it cannot treat exactly (holding an added token such as ``[SEP]``, or a character without a table
+    entry) go through the tokenizer itself. Build with :meth:`for_tokenizer`: None when the tokenizer is of
+    another kind or its self-check differs.
     """
 
-    CACHE_WORDS = 1 << 18  # the word cache is emptied when it holds more (some tens of MB)
+    CACHE_ENTRIES = 1 << 18  # each dict is emptied when it holds more (some tens of MB)
 
     def __init__(self, tok: Any, prefix: list[int], suffix: list[int], max_len: int | None) -> None:
         from tokenizers import Tokenizer
@@ -340,7 +344,11 @@ class WordCacheTokenizer:
         firsts = {a[0] for a in self._added if a}
         self._trigger = firsts.pop() if len(firsts) == 1 else ""  # a character every added token starts with
         self._table = _CharTable(tok.normalizer, tok.pre_tokenizer)
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._chunks: dict[bytes, tuple[int, ...]] = {}  # lowercased UTF-8 chunk -> ids
+        self._words: dict[str, tuple[int, ...]] = {}  # normalized word -> WordPiece ids
+        # one call at a time: a cache emptied by one thread under another's feet would lose its words (the
+        # work is Python under the GIL anyway, so two threads would not tokenize faster than one)
+        self._lock = threading.Lock()
         self.fallbacks = 0  # texts that went through the tokenizer itself
 
     @classmethod
@@ -366,70 +374,171 @@ class WordCacheTokenizer:
             if affixes is None:
                 return None
             fast = cls(tok, *affixes, None if trunc is None else int(trunc["max_length"]))
-            probe = [*PROBE_TEXTS, *(f"aB{chr(c)}Cd" for c in range(128))]
+            probe = [*PROBE_TEXTS, *(f"aB{chr(c)}Cd {chr(c)}" for c in range(128))]
             want = [e.ids for e in tok.encode_batch(probe)]
             flat, lengths = fast.encode(probe)
+            each = fast._encode_each(probe)
         except Exception as exc:  # noqa: BLE001 - the fast path is an optimisation
             log.warning("fast tokenizer path unavailable (%s)", exc)
             return None
-        got = np.split(flat, np.cumsum(lengths)[:-1])
-        if [g.tolist() for g in got] != want:
-            log.warning("fast tokenizer path differs from the tokenizer on its self-check: not used")
-            return None
+        for f, n in ((flat, lengths), each):
+            if [g.tolist() for g in np.split(f, np.cumsum(n)[:-1])] != want:
+                log.warning("fast tokenizer path differs from the tokenizer on its self-check: not used")
+                return None
         fast.fallbacks = 0
         return fast
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Flat int32 ids and int64 lengths, the same as :func:`encode_ids` with the tokenizer gives."""
-        if len(self._cache) > self.CACHE_WORDS:
-            self._cache.clear()
+        with self._lock:
+            return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        for cache in (self._chunks, self._words):
+            if len(cache) > self.CACHE_ENTRIES:
+                cache.clear()
+        texts = texts if isinstance(texts, list) else list(texts)
+        n = len(texts)
+        if n == 0:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        sep = f" {_JOIN} "
+        joined = sep.join(texts)
+        odd: set[int] = set()
+        if joined.count(_JOIN) != n - 1 or "\x0b" in joined or "\x0c" in joined:
+            odd.update(i for i, t in enumerate(texts) if any(c in t for c in _NOT_JOINABLE))
+        if self._trigger in joined or not self._trigger:
+            odd.update(i for i, t in enumerate(texts) if any(a in t for a in self._added))
+        try:
+            data = joined.encode()
+        except UnicodeEncodeError:  # lone surrogates: for the tokenizer to refuse, as it always did
+            odd.update(i for i, t in enumerate(texts) if not _utf8_ok(t))
+        good = list(range(n))
+        joint: tuple[np.ndarray, np.ndarray] | None = None
+        while good:
+            if odd:
+                good = [i for i in good if i not in odd]
+                if not good:
+                    break
+                data = sep.join([texts[i] for i in good]).encode()
+            flat, lengths, refused = self._encode_joined(data, len(good))
+            if not refused:
+                joint = flat, lengths
+                break
+            odd.update(good[r] for r in refused)
+        if not odd:
+            assert joint is not None
+            return joint
+        each = sorted(odd)
+        parts = [(each, self._encode_each([texts[i] for i in each]))]
+        if joint is not None:
+            parts.append((good, joint))
+        lengths = np.empty(n, dtype=np.int64)
+        for rows, (_, part_lengths) in parts:
+            lengths[rows] = part_lengths
+        starts = np.cumsum(lengths) - lengths
+        flat = np.empty(int(lengths.sum()), dtype=np.int32)
+        for rows, (part_flat, part_lengths) in parts:
+            shift = starts[rows] - (np.cumsum(part_lengths) - part_lengths)
+            flat[np.arange(len(part_flat)) + np.repeat(shift, part_lengths)] = part_flat
+        return flat, lengths
+
+    def _encode_joined(self, data: bytes, n: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """``n`` texts joined as UTF-8 -> flat ids, lengths, and the rows that need the tokenizer."""
+        chunks = data.lower().split()
+        cache = self._chunks
+        new = set(chunks).difference(cache)
+        if new:
+            self._learn(new)
+        cache[_JOIN.encode()] = (_BOUNDARY,)
+        ids = np.fromiter(itertools.chain.from_iterable(map(cache.__getitem__, chunks)), dtype=np.int32)
+        bounds = np.flatnonzero(ids < 0)
+        if len(bounds) != n - 1:  # chunks that need the tokenizer: their rows go the other way
+            at = np.flatnonzero(ids == _REFUSED)
+            bounds = np.flatnonzero(ids == _BOUNDARY)
+            return ids, ids, np.unique(np.searchsorted(bounds, at)).tolist()
+        starts = np.concatenate([[0], bounds + 1])
+        keep = np.concatenate([bounds, [len(ids)]]) - starts
+        if self._room is not None:
+            np.minimum(keep, self._room, out=keep)
+        pre, suf = self._prefix, self._suffix
+        lengths = keep + (len(pre) + len(suf))
+        row0 = np.cumsum(lengths) - lengths
+        flat = np.empty(int(lengths.sum()), dtype=np.int32)
+        for j, t in enumerate(pre):
+            flat[row0 + j] = t
+        for j, t in enumerate(suf):
+            flat[row0 + len(pre) + keep + j] = t
+        body = int(keep.sum())
+        src0 = np.cumsum(keep) - keep
+        at = np.arange(body, dtype=np.int64)
+        flat[at + np.repeat(row0 + len(pre) - src0, keep)] = ids[at + np.repeat(starts - src0, keep)]
+        return flat, lengths.astype(np.int64), []
+
+    def _learn(self, chunks: set[bytes]) -> None:
+        """Ids of chunks seen for the first time: normalized and pre-tokenized through the table, each word
+        through the WordPiece model unless known."""
+        table, words_cache = self._table, self._words
+        split: list[tuple[bytes, list[str] | None]] = []
+        for chunk in chunks:
+            norm = chunk.decode().translate(table)
+            split.append((chunk, None if _UNSAFE in norm else norm.split()))
+        new = list({w for _, words in split if words for w in words}.difference(words_cache))
+        if new:
+            encoded = self._wordpiece.encode_batch_fast(new, add_special_tokens=False)
+            for w, e in zip(new, encoded, strict=True):
+                words_cache[w] = tuple(e.ids)
+        cache, get = self._chunks, words_cache.__getitem__
+        for chunk, words in split:
+            cache[chunk] = (
+                (_REFUSED,) if words is None else tuple(itertools.chain.from_iterable(map(get, words)))
+            )
+
+    def _encode_each(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """One text at a time (texts that cannot be joined): through the table, or through the tokenizer for
+        texts holding an added token or a character without a table entry."""
         n = len(texts)
         rows: list[Any] = [None] * n
-        pending: list[tuple[int, list[str]]] = []
+        words_of: list[tuple[int, list[str]]] = []
         slow: list[int] = []
-        table, unsafe, added, trigger = self._table, _UNSAFE, self._added, self._trigger
-        find_words, chain, get = _ASCII_WORDS.findall, itertools.chain.from_iterable, self._cache.__getitem__
-        pre, suf, room = self._prefix, self._suffix, self._room
+        table, added, trigger = self._table, self._added, self._trigger
         for i, text in enumerate(texts):
             if (trigger in text or not trigger) and any(a in text for a in added):
                 slow.append(i)
                 continue
-            if text.isascii():
-                words = find_words(text.lower())
+            norm = text.translate(table)
+            if _UNSAFE in norm:
+                slow.append(i)
             else:
-                norm = text.translate(table)
-                if unsafe in norm:
-                    slow.append(i)
-                    continue
-                words = norm.split()
-            try:
-                inner = list(chain(map(get, words)))
-            except KeyError:
-                pending.append((i, words))
-                continue
+                words_of.append((i, norm.split()))
+        cache = self._words
+        new = list({w for _, words in words_of for w in words}.difference(cache))
+        if new:
+            for w, e in zip(
+                new, self._wordpiece.encode_batch_fast(new, add_special_tokens=False), strict=True
+            ):
+                cache[w] = tuple(e.ids)
+        pre, suf, room, get = self._prefix, self._suffix, self._room, cache.__getitem__
+        for i, words in words_of:
+            inner = list(itertools.chain.from_iterable(map(get, words)))
             if room is not None and len(inner) > room:
                 del inner[room:]
             rows[i] = (pre, inner, suf)
-        if pending:
-            cache = self._cache
-            new = list({w for _, words in pending for w in words if w not in cache})
-            clean = [_ASCII_CONTROL_RE.sub("", w) for w in new]
-            for w, e in zip(
-                new, self._wordpiece.encode_batch_fast(clean, add_special_tokens=False), strict=True
-            ):
-                cache[w] = tuple(e.ids)
-            for i, words in pending:
-                inner = list(chain(map(get, words)))
-                if room is not None and len(inner) > room:
-                    del inner[room:]
-                rows[i] = (pre, inner, suf)
         if slow:
             self.fallbacks += len(slow)
             for i, e in zip(slow, self.tok.encode_batch_fast([texts[i] for i in slow]), strict=True):
                 rows[i] = ((), e.ids, ())
         lengths = np.fromiter((len(a) + len(b) + len(c) for a, b, c in rows), dtype=np.int64, count=n)
+        chain = itertools.chain.from_iterable
         flat = np.fromiter(chain(chain(rows)), dtype=np.int32, count=int(lengths.sum()))
         return flat, lengths
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _tok_init(path: str, max_len: int) -> None:

@@ -1,0 +1,145 @@
+"""Per-core speed of the local backend's tokenize step: the Rust tokenizer (before) against the
+WordCacheTokenizer that gives the same ids (after), on the same texts, in the same process.
+
+Run it pinned to one core, so the figures are per core and comparable between machines::
+
+    taskset -c 1 python bench/tokenizer_bench.py                  # 20,000 texts, calls of 333, 5 rounds
+    taskset -c 1 python bench/tokenizer_bench.py --texts 50000 --call 4000 --json out.json
+
+Texts come from ``bench_texts`` in ``bench/gpu_bench.py`` (synthetic tweets joined 1-5 at a time, ~30 tokens
+like real tweets). Calls default to 333 texts: a 4,000-text embed call cut across 12 tokenizer processes.
+Every method runs once per round, rounds interleaved, so a noisy machine slows all of them alike; the table
+shows the best and the median round (CPU time of this process, so other load on the core counts less).
+
+Rows:
+- ``reference``: ``encode_ids`` with the plain ``tokenizers.Tokenizer`` (what the backend did before);
+- ``fast (warm)``: ``encode_ids`` with ``WordCacheTokenizer`` after one pass over the texts (the steady state
+  of a long run, where the word caches hold the common words);
+- ``fast (cold)``: the word caches emptied before every call, so every word is new to it (worst case);
+- the other rows are measurements behind choices made: the Rust tokenizer alone (Encodings not turned into
+  ids), ``encode_batch``, and the Rust tokenizer with a cheaper normalizer on ASCII-only texts (the
+  "ASCII fast path inside Rust" idea: not used, the word caches beat it by far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core: the Rust tokenizer must not start threads
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu_bench import bench_texts  # noqa: E402
+from tweet_embed.backends.local import WordCacheTokenizer, encode_ids, minilm_dir  # noqa: E402
+
+
+def load_tokenizer(max_len: int) -> Any:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_len)  # as the backend sets it
+    return tok
+
+
+def check_identical(tok: Any, fast: WordCacheTokenizer, texts: list[str]) -> None:
+    want = encode_ids(tok, texts)
+    got = encode_ids(fast, texts)
+    for a, b in zip(got, want, strict=True):
+        if a.dtype != b.dtype or not np.array_equal(a, b):
+            raise SystemExit("the fast path gave different ids: not benchmarking it")
+
+
+def rounds(
+    methods: dict[str, tuple[Callable[[list[str]], Any], list[str]]], call: int, repeat: int
+) -> dict[str, list[float]]:
+    """docs/s per round for each method (CPU time of this process), rounds interleaved."""
+    out: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(repeat):
+        for name, (fn, texts) in methods.items():
+            t0 = time.process_time()
+            for i in range(0, len(texts), call):
+                fn(texts[i : i + call])
+            out[name].append(len(texts) / max(time.process_time() - t0, 1e-9))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--texts", type=int, default=20_000)
+    ap.add_argument("--call", type=int, default=333, help="texts per tokenize call (default: 4,000 / 12)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--json", type=Path, help="write the figures here too")
+    args = ap.parse_args(argv)
+
+    from tokenizers import normalizers
+
+    texts = [t for _, t in bench_texts(args.texts, args.seed)]
+    ascii_texts = [t for t in texts if t.isascii()]
+    tok = load_tokenizer(args.max_len)
+    fast = WordCacheTokenizer.for_tokenizer(tok)
+    if fast is None:
+        raise SystemExit("WordCacheTokenizer does not apply to this tokenizer")
+    check_identical(tok, fast, texts)  # also fills the caches: the warm state
+    lens = np.diff(np.concatenate([[0], np.cumsum(encode_ids(fast, texts)[1])]))
+    cheap = load_tokenizer(args.max_len)
+    cheap.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=True
+    )
+
+    cold_tok = WordCacheTokenizer.for_tokenizer(tok)
+    assert cold_tok is not None
+
+    def cold(batch: list[str]) -> Any:
+        cold_tok._chunks.clear()  # every chunk and word new to it (the character table stays: per process)
+        cold_tok._words.clear()
+        return encode_ids(cold_tok, batch)
+
+    methods: dict[str, tuple[Callable[[list[str]], Any], list[str]]] = {
+        "reference: Rust tokenizer + ids (before)": (lambda b: encode_ids(tok, b), texts),
+        "fast (warm): WordCacheTokenizer (after)": (lambda b: encode_ids(fast, b), texts),
+        "fast (cold): caches emptied every call": (cold, texts),
+        "Rust encode_batch_fast, Encodings only": (lambda b: tok.encode_batch_fast(b), texts),
+        "Rust encode_batch + ids": (lambda b: [e.ids for e in tok.encode_batch(b)], texts),
+        "ASCII texts: reference": (lambda b: encode_ids(tok, b), ascii_texts),
+        "ASCII texts: Rust, cheap BertNormalizer": (lambda b: encode_ids(cheap, b), ascii_texts),
+        "ASCII texts: fast (warm)": (lambda b: encode_ids(fast, b), ascii_texts),
+    }
+    print(
+        f"{len(texts):,} texts ({len(ascii_texts) / len(texts):.0%} ASCII), tokens per text mean "
+        f"{lens.mean():.1f}, p95 {np.percentile(lens, 95):.0f}; calls of {args.call}; {args.repeat} rounds; "
+        f"CPU affinity {sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}"
+    )
+    print("ids identical to the reference: yes (checked on every text before timing)")
+    res = rounds(methods, args.call, args.repeat)
+    base = float(np.median(res["reference: Rust tokenizer + ids (before)"]))
+    figures = {}
+    print(f"{'':44} {'best':>10} {'median':>10}  docs/s per core   x reference (median)")
+    for name, values in res.items():
+        best, med = max(values), float(np.median(values))
+        ref_med = base if not name.startswith("ASCII") else float(np.median(res["ASCII texts: reference"]))
+        figures[name] = {"best": round(best), "median": round(med), "rounds": [round(v) for v in values]}
+        print(f"{name:44} {best:>10,.0f} {med:>10,.0f}  {med / ref_med:>24.2f} x")
+    print(f"fallbacks to the tokenizer: {fast.fallbacks}; cached chunks {len(fast._chunks):,}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "figures": figures}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
