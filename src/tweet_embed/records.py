@@ -311,7 +311,7 @@ def parse_lines(
 
 
 def _parse_clean_block(data: bytes, first_line: int, id_field: str, text_field: str) -> ParsedBlock | None:
-    """The common block in a few C-speed passes (about 3x the per-line path); None when any line needs the
+    """The common block in a few C-speed passes (about 2x the per-line path); None when any line needs the
     per-line rules (blank, BOM, malformed, unusual id or text), which then parse the whole block.
 
     Why it is exact: every line goes through ``orjson.loads`` on its own, and the result is accepted only
