@@ -214,7 +214,7 @@ def test_other_pipelines_are_not_taken(tok):
 
 
 def test_other_bert_normalizer_settings_still_match():
-    """Cased / no-CJK / no-accent-stripping variants: the character table follows whatever the normalizer does."""
+    """Cased / no-CJK / no-accent-stripping variants: the character table follows what the normalizer does."""
     norms = tokenizers.normalizers
     texts = EDGE_CASES + [t for _, t in synth_tweets(300, 2)]
     for kwargs in (

@@ -2,13 +2,15 @@
 
 Why its own pipeline instead of ``SentenceTransformer.encode``: ``encode`` tokenizes on one core and pads every
 batch to its longest text, which leaves a GPU idle most of the time (5-9k docs/s for MiniLM on an H100/H200
-against a forward limit above 200k). Here, on a GPU: texts are tokenized in worker processes (the Rust tokenizer
-releases the GIL, but turning Encodings into ids is Python), sorted by length and cut into one-padded-length
-batches by a token budget (lengths padded to a multiple of 16, row counts rounded, so the set of shapes stays
-small and is warmed); BERT models run through :class:`LeanBert` (a few torch calls per layer instead of
-transformers' module code), small ones as CUDA graphs; host buffers are pinned and copies asynchronous; and the
-GPU work of one call overlaps the tokenization of the next (two calls in flight). Output rows come back in input
-order. On CPU the same pipeline runs in fp32 on every core. Measured figures: README, "Local model and GPUs".
+against a forward limit above 200k). Here, on a GPU: texts are tokenized in worker processes, by
+:class:`WordCacheTokenizer` where it applies (BERT-style tokenizers: the Rust tokenizer's ids, bit for bit,
+for a fifth to a tenth of its CPU per text; the tokenizer was the limit of the whole pipeline), sorted by
+length and cut into one-padded-length batches by a token budget (lengths padded to a multiple of 16, row
+counts rounded, so the set of shapes stays small and is warmed); BERT models run through :class:`LeanBert` (a
+few torch calls per layer instead of transformers' module code), small ones as CUDA graphs; host buffers are
+pinned and copies asynchronous; and the GPU work of one call overlaps the tokenization of the next (two calls in
+flight). Output rows come back in input order. On CPU the same pipeline runs in fp32 on every core. Measured
+figures: README, "Local model and GPUs"; the tokenizer's: ``bench/tokenizer_bench.py``.
 
 torch, transformers and sentence-transformers are imported inside :meth:`LocalBackend.start`, never at module
 import, so the CLI starts fast and machines without the ``local`` extra can still use HTTP backends.
@@ -34,7 +36,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +331,7 @@ class WordCacheTokenizer:
     another kind or its self-check differs.
     """
 
-    CACHE_ENTRIES = 1 << 18  # each dict is emptied when it holds more (some tens of MB)
+    CACHE_ENTRIES = 1 << 17  # each dict is emptied when it holds more (~35 MB each when full)
 
     def __init__(self, tok: Any, prefix: list[int], suffix: list[int], max_len: int | None) -> None:
         from tokenizers import Tokenizer
@@ -477,21 +479,30 @@ class WordCacheTokenizer:
     def _learn(self, chunks: set[bytes]) -> None:
         """Ids of chunks seen for the first time: normalized and pre-tokenized through the table, each word
         through the WordPiece model unless known."""
-        table, words_cache = self._table, self._words
-        split: list[tuple[bytes, list[str] | None]] = []
-        for chunk in chunks:
-            norm = chunk.decode().translate(table)
-            split.append((chunk, None if _UNSAFE in norm else norm.split()))
-        new = list({w for _, words in split if words for w in words}.difference(words_cache))
+        table = self._table
+        new = list(chunks)
+        norms = [c.decode().translate(table) for c in new]
+        groups = [n.split() if _UNSAFE not in n else None for n in norms]
+        get = self._word_ids(w for g in groups if g for w in g)
+        cache, chain = self._chunks, itertools.chain.from_iterable
+        for chunk, words in zip(new, groups, strict=True):
+            cache[chunk] = (_REFUSED,) if words is None else tuple(chain(map(get, words)))
+
+    def _word_ids(self, words: Iterable[str]) -> Callable[[str], tuple[int, ...]]:
+        """Word -> WordPiece ids getter, after the words not known yet went through the model.
+
+        The new words go in as one pre-tokenized sequence, whose Encoding says which word each token came
+        from: an Encoding per word would cost microseconds each.
+        """
+        cache = self._words
+        new = list(set(words).difference(cache))
         if new:
-            encoded = self._wordpiece.encode_batch_fast(new, add_special_tokens=False)
-            for w, e in zip(new, encoded, strict=True):
-                words_cache[w] = tuple(e.ids)
-        cache, get = self._chunks, words_cache.__getitem__
-        for chunk, words in split:
-            cache[chunk] = (
-                (_REFUSED,) if words is None else tuple(itertools.chain.from_iterable(map(get, words)))
-            )
+            enc = self._wordpiece.encode(new, is_pretokenized=True, add_special_tokens=False)
+            counts = np.bincount(np.asarray(enc.word_ids, dtype=np.int64), minlength=len(new)).tolist()
+            ids = iter(enc.ids)
+            for w, k in zip(new, counts, strict=True):
+                cache[w] = tuple(itertools.islice(ids, k))
+        return cache.__getitem__
 
     def _encode_each(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """One text at a time (texts that cannot be joined): through the table, or through the tokenizer for
@@ -510,14 +521,8 @@ class WordCacheTokenizer:
                 slow.append(i)
             else:
                 words_of.append((i, norm.split()))
-        cache = self._words
-        new = list({w for _, words in words_of for w in words}.difference(cache))
-        if new:
-            for w, e in zip(
-                new, self._wordpiece.encode_batch_fast(new, add_special_tokens=False), strict=True
-            ):
-                cache[w] = tuple(e.ids)
-        pre, suf, room, get = self._prefix, self._suffix, self._room, cache.__getitem__
+        get = self._word_ids(w for _, words in words_of for w in words)
+        pre, suf, room = self._prefix, self._suffix, self._room
         for i, words in words_of:
             inner = list(itertools.chain.from_iterable(map(get, words)))
             if room is not None and len(inner) > room:
@@ -558,8 +563,9 @@ def _tok_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def default_tokenizer_workers(cuda: bool) -> int:
-    """Tokenizer processes: on a GPU the tokenizer is the CPU-side limit, and the GIL caps one process's
-    share (turning Encodings into ids is Python), so several processes; on CPU the model is the limit."""
+    """Tokenizer processes: on a GPU the tokenizer is a CPU-side limit, and tokenizing is mostly Python (the
+    GIL caps one process's share, and the run loop needs this process's), so several processes; on CPU the
+    model is the limit."""
     env = os.environ.get("TWEET_EMBED_TOKENIZER_WORKERS")
     if env is not None:
         return max(0, int(env))
