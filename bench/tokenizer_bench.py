@@ -63,6 +63,22 @@ def check_identical(tok: Any, fast: WordCacheTokenizer, texts: list[str]) -> Non
             raise SystemExit("the fast path gave different ids: not benchmarking it")
 
 
+def check_all_code_points(tok: Any) -> int:
+    """Every code point (surrogates aside) next to letters, itself and a combining mark: same ids?"""
+    fast = WordCacheTokenizer.for_tokenizer(tok)
+    assert fast is not None
+    cps = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    bad = 0
+    for s in range(0, len(cps), 50_000):
+        texts = [f"Ab{chr(c)}Cd {chr(c)}{chr(c)} x{chr(c)}e\u0301 " for c in cps[s : s + 50_000]]
+        want = [e.ids for e in tok.encode_batch(texts)]
+        flat, lengths = encode_ids(fast, texts)
+        got = [g.tolist() for g in np.split(flat, np.cumsum(lengths)[:-1])]
+        bad += sum(w != g for w, g in zip(want, got, strict=True))
+    print(f"{len(cps):,} code points: {bad} differ; {fast.fallbacks} texts went through the tokenizer itself")
+    return 1 if bad else 0
+
+
 Method = tuple[Callable[[list[str]], Any], list[str], Callable[[], None] | None]
 
 
@@ -88,7 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument(
+        "--check-all-code-points",
+        action="store_true",
+        help="only check identity for every Unicode code point in context (a few minutes), no timing",
+    )
     args = ap.parse_args(argv)
+    if args.check_all_code_points:
+        return check_all_code_points(load_tokenizer(args.max_len))
 
     from tokenizers import normalizers
 

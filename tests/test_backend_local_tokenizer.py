@@ -111,6 +111,14 @@ def test_synthetic_tweets(tok, seed):
     assert f.fallbacks == 0  # nothing in synthetic tweets needs the tokenizer itself
 
 
+def test_a_sample_of_all_code_points_in_context(tok, fast):
+    """Every 97th code point of the whole range (the full range was checked once: no difference), next to
+    letters, itself and a combining mark, so any neighbour-dependent normalization shows."""
+    cps = [c for c in range(0, 0x110000, 97) if not 0xD800 <= c <= 0xDFFF]
+    texts = [f"Ab{chr(c)}Cd {chr(c)}{chr(c)} x{chr(c)}e\u0301 " for c in cps]
+    assert_same(tok, fast, texts)
+
+
 def test_random_unicode_mixtures(tok, fast):
     """Characters from tricky ranges in random neighbourhoods: marks next to letters, CJK next to Latin..."""
     rng = random.Random(3)
