@@ -10,7 +10,9 @@ One run measures, on the same machine:
 4. ``SentenceTransformer.encode`` (MiniLM, fp16, batch 1,024) for comparison;
 5. the run loop with a null model (read, parse, write Parquet: the I/O ceiling);
 6. ``tweet-embed embed`` end to end from a JSONL file to Parquet shards, as a subprocess, for both models:
-   wall time (with start-up) and steady state (first to last shard).
+   wall time (with start-up) and steady state (first to last shard); MiniLM again with the Rust tokenizer
+   (``TWEET_EMBED_FAST_TOKENIZER=0``, the before/after of the word-cache tokenizer), and a 0-layer model
+   (``random:L0-H384``: embeddings and pooling only), the CPU side's own end-to-end ceiling.
 
 Prints one line per figure and writes JSON. ``--quick`` runs tiny sizes on the CPU (for testing the script).
 
@@ -461,7 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [
             ("minilm", "all-MiniLM-L6-v2", None),
             ("large", large, None),
-            ("minilm_no_graphs", "all-MiniLM-L6-v2", {"TWEET_EMBED_CUDA_GRAPHS": "0"}),
+            # everything but the transformer layers (embeddings + pooling on the device): the CPU side's own
+            # end-to-end ceiling (read, parse, tokenize, launch, write) on this machine
+            ("cpu_side", "random:L0-H384", None),
             # the tokenizer before WordCacheTokenizer (same ids), for the before/after on the same machine
             ("minilm_rust_tokenizer", "all-MiniLM-L6-v2", {"TWEET_EMBED_FAST_TOKENIZER": "0"}),
         ]
@@ -496,7 +500,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for how, rate in (("steady", r["steady"]), ("wall", r["wall_rate"])):
                 verdict[f"{label}_e2e_{how}_over_raw"] = rate / limits[label]
                 emit(f"ratio e2e/raw {label} ({how})", rate / limits[label], unit="x")
-        ceilings = {"tokenizer": tok_fig, "gpu forward": limits[label], "read/parse/write": null_rate}
+        cpu_side = e2e.get("cpu_side", {}).get("steady", 0.0)
+        ceilings = {
+            "tokenizer": tok_fig,
+            "gpu forward": limits[label],
+            "read/parse/write": null_rate,
+            "cpu side end to end (0-layer model)": cpu_side,
+        }
         ceilings = {k: v for k, v in ceilings.items() if v}
         verdict[f"{label}_stage_ceilings"] = ceilings
         verdict[f"{label}_limited_by"] = min(ceilings, key=ceilings.__getitem__) if ceilings else None
