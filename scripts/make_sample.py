@@ -13,7 +13,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--lines", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--repeat-fraction", type=float, default=0.0, help="share of lines repeating an earlier text")
+    ap.add_argument(
+        "--repeat-fraction", type=float, default=0.0, help="share of lines repeating an earlier text"
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     write_jsonl(a.out, a.lines, seed=a.seed, repeat_fraction=a.repeat_fraction)
