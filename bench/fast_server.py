@@ -6,7 +6,8 @@ being measured. This one parses the request body once (to count the inputs) and 
 the test server at start-up (the same bytes the test server sends: TEI ``/embed`` JSON floats and
 OpenAI ``/v1/embeddings`` base64), over keep-alive HTTP/1.1 parsed by httptools. It serves ``GET /info``
 (TEI's document, so clients learn batch size and concurrency the same way) and ``GET /v1/models``;
-``GET /_counters`` reports requests served. No faults, no validation: a benchmark fixture only.
+the test server's counters route reports requests served. No faults, no validation: a benchmark fixture
+only. The child process is run by the test server's own :class:`~tweet_embed.testserver.ServerProcess`.
 
     with FastServer.spawn(dim=1024, cpus={1}) as srv:
         srv.embed_url, srv.openai_url, srv.counters["requests"]
@@ -16,19 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterable
-from typing import Any
 
 import httptools
 import orjson
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from tweet_embed.testserver import CONTROL_PREFIX, ServerProcess, TEIServer  # noqa: E402
+
+COUNTERS_PATH = (CONTROL_PREFIX + "/counters").encode()
 
 
 class _Handler(asyncio.Protocol):
@@ -69,9 +71,6 @@ class _Handler(asyncio.Protocol):
 
 class App:
     def __init__(self, dim: int, batch: int) -> None:
-        sys.path.insert(0, os.path.join(ROOT, "src"))
-        from tweet_embed.testserver import TEIServer
-
         srv = TEIServer(dim=dim, precomputed=True, max_client_batch_size=batch)
         self.info = orjson.dumps(srv.info())
         self.models = orjson.dumps({"object": "list", "data": [{"id": srv.model_id, "object": "model"}]})
@@ -100,59 +99,24 @@ class App:
             return 200, self.info
         if path == b"/v1/models":
             return 200, self.models
-        if path == b"/_counters":
-            return 200, orjson.dumps({"requests": self.requests})
+        if path == COUNTERS_PATH:
+            return 200, orjson.dumps({"counters": {"requests": self.requests}})
         return 404, b'{"error":"not found"}'
 
 
-class FastServer:
+class FastServer(ServerProcess):
     """The server in a child process (optionally pinned to ``cpus``); a context manager."""
 
     def __init__(self, dim: int, cpus: Iterable[int] | None = None, batch: int = 32) -> None:
-        self.dim, self.cpus, self.batch = dim, set(cpus) if cpus else None, batch
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__({"dim": dim, "batch": batch}, cpus=cpus)
 
     @classmethod
     def spawn(cls, dim: int, cpus: Iterable[int] | None = None, batch: int = 32) -> FastServer:
-        return cls(dim, cpus, batch).start()
+        return cls(dim, cpus, batch).start()  # type: ignore[return-value]
 
-    def start(self) -> FastServer:
-        cmd = [sys.executable, os.path.abspath(__file__), "--dim", str(self.dim), "--batch", str(self.batch)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
-        if self.cpus:
-            os.sched_setaffinity(self.proc.pid, self.cpus)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode().strip()
-        if not line.startswith("http://"):
-            self.stop()
-            raise RuntimeError(f"fast server did not start: {line!r}")
-        self.url = line
-        return self
-
-    @property
-    def embed_url(self) -> str:
-        return self.url + "/embed"
-
-    @property
-    def openai_url(self) -> str:
-        return self.url + "/v1/embeddings"
-
-    @property
-    def counters(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/_counters", timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def __enter__(self) -> FastServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def command(self) -> list[str]:
+        o = self.options
+        return [sys.executable, os.path.abspath(__file__), "--dim", str(o["dim"]), "--batch", str(o["batch"])]
 
 
 async def _serve(dim: int, batch: int, port: int) -> None:

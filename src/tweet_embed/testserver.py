@@ -939,14 +939,17 @@ class ServerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    def command(self) -> list[str]:
+        """The child's command line; the child prints its URL on a line of its own once it listens."""
+        return [sys.executable, "-m", "tweet_embed.testserver", "--config-json", json.dumps(self.options)]
+
     def start(self, timeout: float = 60.0) -> ServerProcess:
         if self.proc is not None:
             return self
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "tweet_embed.testserver", "--config-json", json.dumps(self.options)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, env=env)
         if self.cpus is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(self.proc.pid, self.cpus)
         assert self.proc.stdout is not None
