@@ -19,6 +19,48 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_cli_logging() -> Iterator[None]:
+    """cli.main installs a stderr handler on the "tweet_embed" logger; put back what was there, so later tests
+    do not log into this test's closed capture stream."""
+    logger = logging.getLogger("tweet_embed")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+def read_shards(shards: str | Sequence[str], dim: int) -> tuple[list[str], np.ndarray, list[str]]:
+    """ids, vectors (float32, one row each; ``dim`` is the width when there is no shard) and file names of embed's
+    shards, in name order.
+
+    ``shards`` is a shards directory (local or an object-store URI; only ``part-*.parquet`` counts) or a list
+    of files. Every file is read whole, so an unreadable shard raises."""
+    import pyarrow.parquet as pq
+
+    from tweet_embed import storage
+
+    if isinstance(shards, str):
+        names = sorted(
+            n for n in storage.list_names(shards) if n.startswith("part-") and n.endswith(".parquet")
+        )
+        paths = [storage.join(shards, n) for n in names]
+    else:
+        paths = list(shards)
+        names = [os.path.basename(p) for p in paths]
+    ids: list[str] = []
+    vecs = []
+    for path in paths:
+        if storage.is_uri(path):
+            fs, inner = storage.resolve(path)
+            t = pq.read_table(inner, filesystem=fs)
+        else:
+            t = pq.read_table(path)
+        ids += t.column("id").to_pylist()
+        width = t.schema.field("embedding").type.list_size  # fixed_size_list: right for an empty shard too
+        vecs.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, width))
+    return ids, (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), names
+
+
 def text_vector(text: str, dim: int) -> np.ndarray:
     """A deterministic vector for a text (what the fake backend returns)."""
     seed = int.from_bytes(text.encode("utf-8", "surrogatepass")[:64].ljust(8, b"\0")[:8], "little") ^ len(

@@ -10,7 +10,6 @@ import logging
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from tweet_embed.backends import BackendError, BackendSpec, make_backend
@@ -19,7 +18,7 @@ from tweet_embed.backends.tei import TEIBackend
 from tweet_embed.synth import synth_tweets, write_jsonl
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import run_cli
+from conftest import read_shards, run_cli
 
 DIM = 24
 TEXTS = [f"tweet {i} about football and rain" for i in range(150)] + ["", " ", "émoji 🔥 ✈️"]
@@ -149,13 +148,9 @@ def test_cli_with_key_from_env_never_writes_it(tmp_path, flag) -> None:
         assert r.returncode == 0, r.stderr
         assert KEY not in r.stdout and KEY not in r.stderr
         assert KEY.encode() not in _all_bytes(work)
-        ids, vecs = [], []
-        for p in sorted(glob.glob(os.path.join(work, "shards", "part-*.parquet"))):
-            t = pq.read_table(p)
-            ids += t.column("id").to_pylist()
-            vecs.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, -1))
+        ids, vecs, _ = read_shards(os.path.join(work, "shards"), DIM)
         assert ids == [i for i, _ in records]
-        np.testing.assert_array_equal(np.concatenate(vecs), expected_vectors([t for _, t in records], DIM))
+        np.testing.assert_array_equal(vecs, expected_vectors([t for _, t in records], DIM))
         # the same run with a wrong key: a clear error, exit 3, the key in no message
         r = run_cli(
             "embed",

@@ -13,14 +13,13 @@ import gzip
 
 import numpy as np
 import orjson
-import pyarrow.parquet as pq
 import pytest
 import zstandard
 
 from tweet_embed.synth import synth_tweets
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import run_cli
+from conftest import read_shards, run_cli
 
 DIM = 16
 LONG = "long text " * 10_000  # 100,000 characters
@@ -105,14 +104,9 @@ def corpus_bytes() -> bytes:
     return b"\n".join(line for line, _ in CASES)  # no final newline
 
 
-def read_shards(paths: list[str]) -> tuple[list[str], np.ndarray]:
-    ids: list[str] = []
-    vecs = []
-    for p in paths:
-        t = pq.read_table(p)
-        ids += t.column("id").to_pylist()
-        vecs.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, DIM))
-    return ids, (np.concatenate(vecs) if vecs else np.zeros((0, DIM), np.float32))
+def read_output(paths: list[str]) -> tuple[list[str], np.ndarray]:
+    ids, vecs, _ = read_shards(paths, DIM)
+    return ids, vecs
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +137,7 @@ def test_every_line_case_has_its_outcome_in_plain_gzip_and_zstd(tmp_path, server
     for fi, label in enumerate((plain, gz, zst)):
         shards = sorted(glob.glob(str(work / "shards" / f"part-{fi:04d}-*.parquet")))
         assert len(shards) == n_chunks
-        ids, vecs = read_shards(shards)
+        ids, vecs = read_output(shards)
         assert ids == [o[1] for o in embedded], label
         # each vector is the server's vector of exactly the text in the outcome column
         np.testing.assert_array_equal(vecs, expected_vectors([o[2] for o in embedded], DIM))
@@ -190,11 +184,11 @@ def test_truncated_compressed_file_keeps_chunks_before_the_damage(tmp_path, serv
     r = run_cli(*args)
     assert r.returncode == 1, r.stderr
     assert f"{bad}: damaged input" in r.stderr and "after line" in r.stderr
-    ids, vecs = read_shards(sorted(glob.glob(str(work / "shards" / "part-0000-*.parquet"))))
+    ids, vecs = read_output(sorted(glob.glob(str(work / "shards" / "part-0000-*.parquet"))))
     assert 0 < len(ids) < 3000 and len(ids) % 250 == 0  # whole chunks before the damage
     assert ids == [i for i, _ in records[: len(ids)]]
     np.testing.assert_array_equal(vecs, expected_vectors([t for _, t in records[: len(ids)]], DIM))
-    good_ids, _ = read_shards(sorted(glob.glob(str(work / "shards" / "part-0001-*.parquet"))))
+    good_ids, _ = read_output(sorted(glob.glob(str(work / "shards" / "part-0001-*.parquet"))))
     assert good_ids == [i for i, _ in records[:n_good]]
     sent = server.counters["texts"]
     r2 = run_cli(*args)
@@ -234,7 +228,7 @@ def test_empty_and_blank_only_files_embed_nothing_and_succeed(tmp_path, server) 
         "embed", str(empty), str(blank), "--tei-urls", server.embed_url, "--work-dir", str(tmp_path / "w")
     )
     assert r.returncode == 0, r.stderr
-    ids, _ = read_shards(sorted(glob.glob(str(tmp_path / "w" / "shards" / "*.parquet"))))
+    ids, _ = read_output(sorted(glob.glob(str(tmp_path / "w" / "shards" / "*.parquet"))))
     assert ids == []
     assert "Rejected: 0 lines" in r.stderr
 

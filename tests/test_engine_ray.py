@@ -32,7 +32,7 @@ from tweet_embed.runner import EmbedOptions, run_embed
 from tweet_embed.synth import synth_tweets
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import ROOT, moto_s3
+from conftest import ROOT, moto_s3, read_shards
 
 ray = pytest.importorskip("ray")
 DIM = 16
@@ -94,19 +94,7 @@ def options(
 
 def read_output(shards: str) -> tuple[list[str], np.ndarray, list[str]]:
     """ids, vectors and shard names, in shard-name order (local dir or s3:// URI)."""
-    names = sorted(n for n in storage.list_names(shards) if n.startswith("part-") and n.endswith(".parquet"))
-    ids: list[str] = []
-    vecs = []
-    for n in names:
-        path = storage.join(shards, n)
-        if storage.is_uri(path):
-            fs, inner = storage.resolve(path)
-            t = pq.read_table(inner, filesystem=fs)
-        else:
-            t = pq.read_table(path)
-        ids += t.column("id").to_pylist()
-        vecs.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, -1))
-    return ids, (np.concatenate(vecs) if vecs else np.zeros((0, DIM), np.float32)), names
+    return read_shards(shards, DIM)
 
 
 def assert_exact(shards: str, records: list[tuple[str, str]]) -> None:

@@ -37,18 +37,6 @@ needs_bq = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_cli_logging():
-    """cli.main installs a stderr handler on the "tweet_embed" logger; put back what was there, so later tests
-    do not log into this test's closed capture stream."""
-    import logging
-
-    logger = logging.getLogger("tweet_embed")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     with open(path, "rb") as fh:
         return [orjson.loads(x) for x in fh.read().splitlines()]

@@ -41,18 +41,6 @@ def server():
     s.stop()
 
 
-@pytest.fixture(autouse=True)
-def _restore_cli_logging():
-    """cli.main installs a stderr handler on the "tweet_embed" logger; put back what was there, so later tests
-    do not log into this test's closed capture stream."""
-    import logging
-
-    logger = logging.getLogger("tweet_embed")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
 def client_for(server: MockupDB):  # type: ignore[no-untyped-def]
     return lambda: pymongo.MongoClient(server.uri, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000)
 

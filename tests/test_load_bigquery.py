@@ -37,18 +37,6 @@ needs_emulator = pytest.mark.skipif(not HAVE_BQ or emulator_executable() is None
 META = {"backend": "local", "model": "all-MiniLM-L6-v2", "dim": "4", "normalize": "true", "version": "0.1.0"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_cli_logging():
-    """cli.main installs a stderr handler on the "tweet_embed" logger; put back what was there, so later tests
-    do not log into this test's closed capture stream."""
-    import logging
-
-    logger = logging.getLogger("tweet_embed")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
 def consolidated_dir(path: str, files: int = 2, rows: int = 50) -> tuple[list[str], np.ndarray]:
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(0)

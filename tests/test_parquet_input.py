@@ -19,18 +19,6 @@ from tweet_embed.parquet_input import (
 from tweet_embed.records import InputError, parse_line
 
 
-@pytest.fixture(autouse=True)
-def _restore_cli_logging():
-    """cli.main installs a stderr handler on the "tweet_embed" logger; put back what was there, so later tests
-    do not log into this test's closed capture stream."""
-    import logging
-
-    logger = logging.getLogger("tweet_embed")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-
-
 def write(path, ids, texts, row_group_size=None, id_name="_id", text_name="text", **extra_cols):  # type: ignore[no-untyped-def]
     cols = {id_name: ids, text_name: texts, **extra_cols}
     pq.write_table(pa.table(cols), str(path), row_group_size=row_group_size)

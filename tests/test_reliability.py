@@ -28,7 +28,7 @@ from tweet_embed.parquet import file_sha256
 from tweet_embed.synth import synth_tweets
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, read_shards, run_cli
 
 DIM = 16
 PROBE = "dimension probe"
@@ -50,13 +50,8 @@ def write_corpus(path: str, n: int, seed: int, bad_every: int = 0) -> list[tuple
 
 
 def read_output(shards: str) -> tuple[list[str], np.ndarray]:
-    ids: list[str] = []
-    vecs = []
-    for p in sorted(glob.glob(os.path.join(shards, "part-*.parquet"))):
-        t = pq.read_table(p)  # raises on an unreadable shard
-        ids += t.column("id").to_pylist()
-        vecs.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, -1))
-    return ids, (np.concatenate(vecs) if vecs else np.zeros((0, DIM), np.float32))
+    ids, vecs, _ = read_shards(shards, DIM)  # raises on an unreadable shard
+    return ids, vecs
 
 
 def assert_exact(work: str, records: list[tuple[str, str]]) -> None:
