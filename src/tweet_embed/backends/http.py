@@ -39,6 +39,21 @@ FATAL_STATUS = {
 }
 
 
+def choose_batch(requested: int | None, server_batch: int | None, default: int) -> int:
+    """``--batch-size``, else the servers' smallest ``max_client_batch_size``, else ``default``; never above
+    the servers' limit (a larger batch would be refused, 422/413, on every request)."""
+    batch = requested or server_batch or default
+    if server_batch is not None and batch > server_batch:
+        log.warning(
+            "--batch-size %d is above the servers' max_client_batch_size %d; using %d",
+            batch,
+            server_batch,
+            server_batch,
+        )
+        batch = server_batch
+    return batch
+
+
 def describe_error(status: int, body: bytes) -> str:
     """A short message from an error body (JSON ``error``/``message`` or plain text), never the request."""
     try:

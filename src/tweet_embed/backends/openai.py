@@ -15,7 +15,7 @@ import orjson
 from ..decode import decode_openai_base64 as decode_base64  # noqa: F401 - earlier names
 from ..decode import decode_openai_floats as decode_floats  # noqa: F401
 from .base import BackendError, BackendInfo
-from .http import HTTPBackend
+from .http import HTTPBackend, choose_batch
 from .pool import BatchRefused, Endpoint
 
 log = logging.getLogger("tweet_embed")
@@ -77,15 +77,7 @@ class OpenAIBackend(HTTPBackend):
             vec = await self.request_vectors(probe, self._build(probe), "openai_float")
         except BackendError:
             raise
-        batch = self.batch_size or server_batch or DEFAULT_BATCH
-        if server_batch is not None and batch > server_batch:
-            log.warning(
-                "--batch-size %d is above the servers' max_client_batch_size %d; using %d",
-                batch,
-                server_batch,
-                server_batch,
-            )
-            batch = server_batch
+        batch = choose_batch(self.batch_size, server_batch, DEFAULT_BATCH)
         capacity = sum(ep.capacity for ep in self.pool.endpoints)
         self.info_ = BackendInfo(
             kind="openai",

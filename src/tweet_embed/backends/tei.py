@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from .base import BackendError, BackendInfo
-from .http import HTTPBackend
+from .http import HTTPBackend, choose_batch
 from .pool import Endpoint, redact_url
 
 log = logging.getLogger("tweet_embed")
@@ -38,7 +38,6 @@ class TEIBackend(HTTPBackend):
 
     async def start(self) -> BackendInfo:
         models: dict[str, str] = {}
-        batch = self.batch_size
         server_batch = None
         infos = [await self.get_json(self.base_url(ep.url) + "/info") for ep in self.pool.endpoints]
         if not any(isinstance(i, dict) for i in infos):
@@ -68,16 +67,7 @@ class TEIBackend(HTTPBackend):
             log.warning(
                 "--model %s given, but the servers report %s", self.model, next(iter(models.values()))
             )
-        if batch is None:
-            batch = server_batch or DEFAULT_BATCH
-        elif server_batch is not None and batch > server_batch:
-            log.warning(
-                "--batch-size %d is above the servers' max_client_batch_size %d; using %d",
-                batch,
-                server_batch,
-                server_batch,
-            )
-            batch = server_batch
+        batch = choose_batch(self.batch_size, server_batch, DEFAULT_BATCH)
         probe = await self.request_vectors(
             ["dimension probe"], self._build(["dimension probe"]), "embed_json"
         )
