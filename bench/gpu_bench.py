@@ -44,7 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from tweet_embed.backends.base import Backend, BackendInfo  # noqa: E402
-from tweet_embed.backends.local import LocalBackend, minilm_dir, pad_length, pad_rows  # noqa: E402
+from tweet_embed.backends.local import (  # noqa: E402
+    LocalBackend,
+    load_tokenizer,
+    minilm_dir,
+    pad_length,
+    pad_rows,
+)
 from tweet_embed.synth import synth_tweets  # noqa: E402
 
 RESULTS: dict[str, Any] = {}
@@ -99,11 +105,7 @@ def sync(torch: Any, device: str) -> None:
 
 
 def bench_tokenizer(texts: list[str], backend: LocalBackend) -> dict[str, float]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(max_length=256)
+    tok = load_tokenizer(str(minilm_dir() / "tokenizer.json"), 256)
     step = 10_000
     out = {}
     for name, fn in (

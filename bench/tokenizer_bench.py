@@ -43,16 +43,12 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_bench import bench_texts  # noqa: E402
+from tweet_embed.backends import local  # noqa: E402
 from tweet_embed.backends.local import WordCacheTokenizer, encode_ids, minilm_dir  # noqa: E402
 
 
 def load_tokenizer(max_len: int) -> Any:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(max_length=max_len)  # as the backend sets it
-    return tok
+    return local.load_tokenizer(str(minilm_dir() / "tokenizer.json"), max_len)  # as the backend sets it
 
 
 def check_identical(tok: Any, fast: WordCacheTokenizer, texts: list[str]) -> None:

@@ -14,6 +14,7 @@ from tweet_embed.backends.local import (
     WordCacheTokenizer,
     encode_ids,
     fast_tokenizer,
+    load_tokenizer,
     minilm_dir,
 )
 from tweet_embed.synth import synth_tweets
@@ -52,10 +53,7 @@ EDGE_CASES = [
 
 @pytest.fixture(scope="module")
 def tok():
-    t = tokenizers.Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
-    t.no_padding()
-    t.enable_truncation(max_length=256)
-    return t
+    return load_tokenizer(str(minilm_dir() / "tokenizer.json"), 256)
 
 
 @pytest.fixture(scope="module")

@@ -546,16 +546,22 @@ def _utf8_ok(text: str) -> bool:
     return True
 
 
-def _tok_init(path: str, max_len: int) -> None:
-    """Tokenizer worker process set-up: one single-threaded tokenizer (the processes are the parallelism)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def load_tokenizer(path: str, max_len: int) -> Any:
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` as the backend uses it: no padding, truncation at
+    the model's maximum length (the backend pads its own batches)."""
     from tokenizers import Tokenizer
 
-    global _WORKER_TOK
     tok = Tokenizer.from_file(path)
     tok.no_padding()
     tok.enable_truncation(max_length=max_len)
-    _WORKER_TOK = fast_tokenizer(tok)
+    return tok
+
+
+def _tok_init(path: str, max_len: int) -> None:
+    """Tokenizer worker process set-up: one single-threaded tokenizer (the processes are the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _WORKER_TOK
+    _WORKER_TOK = fast_tokenizer(load_tokenizer(path, max_len))
 
 
 def _tok_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -889,13 +895,11 @@ class LocalBackend(Backend):
 
     def _tokenizer_from(self, path: Path, max_len: int) -> Any:
         try:
-            from tokenizers import Tokenizer
+            import tokenizers  # noqa: F401
         except ImportError as e:
             raise BackendError(f"the local backend needs tokenizers: {INSTALL_HINT}") from e
         self._tok_path = str(path / "tokenizer.json")
-        tok = Tokenizer.from_file(self._tok_path)
-        tok.no_padding()
-        tok.enable_truncation(max_length=max_len)
+        tok = load_tokenizer(self._tok_path, max_len)
         self._enc = fast_tokenizer(tok)
         return tok
 
