@@ -242,3 +242,31 @@ def test_no_server_means_embedded_model(tmp_path) -> None:
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-3)
     md = pq.read_schema(glob.glob(str(tmp_path / "w" / "shards" / "*.parquet"))[0]).metadata
     assert md[b"tweet_embed.model"] == b"sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_two_workers_per_device_match_one_process(tmp_path) -> None:
+    """``--workers-per-device 2`` (here on the CPU): two worker processes with the real model write the
+    same rows and vectors as one process, and a resume after it sends nothing."""
+    src = os.path.join(ROOT, "sample", "tweets.jsonl")
+    p = tmp_path / "slice.jsonl"
+    with open(src, "rb") as fh:
+        p.write_bytes(b"".join(fh.readlines()[:200]))
+    one = run_cli("embed", str(p), "--work-dir", str(tmp_path / "one"), "--chunk-size", "40")
+    assert one.returncode == 0, one.stderr
+    args = ["embed", str(p), "--work-dir", str(tmp_path / "two"), "--chunk-size", "40"]
+    two = run_cli(*args, "--devices", "cpu", "--workers-per-device", "2")
+    assert two.returncode == 0, two.stderr
+    assert "2 device workers ready (cpu#0, cpu#1)" in two.stderr
+    ids1, vecs1 = read_shards(str(tmp_path / "one" / "shards"), 384)[:2]
+    ids2, vecs2 = read_shards(str(tmp_path / "two" / "shards"), 384)[:2]
+    assert ids2 == ids1 and len(ids1) == 200
+    np.testing.assert_allclose(vecs2, vecs1, atol=1e-5)
+    again = run_cli(*args, "--devices", "cpu", "--workers-per-device", "2")
+    assert again.returncode == 0 and "(5 of 5 already done)" in again.stderr, again.stderr
+
+
+def test_workers_per_device_is_for_the_local_model(tmp_path, server) -> None:
+    r = run_cli("embed", "x.jsonl", "--tei-urls", server.embed_url, "--workers-per-device", "2")
+    assert r.returncode == 2 and "in-process model" in r.stderr
+    r = run_cli("embed", "x.jsonl", "--workers-per-device", "0", "--work-dir", str(tmp_path / "w"))
+    assert r.returncode == 2 and "at least 1" in r.stderr

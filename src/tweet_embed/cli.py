@@ -103,6 +103,13 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
         "--devices",
         help="several GPUs on this machine, one worker process each: 'all' or '0,1,2,3' (local model only)",
     )
+    g.add_argument(
+        "--workers-per-device",
+        type=int,
+        metavar="N",
+        help="worker processes per GPU, each with its own reading, tokenizing and writing (e.g. 2); "
+        "default: 2 for a small model (hidden size up to 512, like MiniLM) with 8+ cores per GPU, else 1",
+    )
     add_dir_options(p)
     g = p.add_argument_group("input and chunks")
     g.add_argument("--id-field", default="_id")
@@ -188,17 +195,25 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
 
     devices = None
-    if args.devices:
-        if not spec.is_local:
-            log.error("--devices is for the in-process model; servers are given with --tei-urls")
-            return EXIT_USAGE
-        from .backends.local import resolve_devices
+    if (args.devices or args.workers_per_device is not None) and not spec.is_local:
+        log.error(
+            "--devices and --workers-per-device are for the in-process model; servers are given with --tei-urls"
+        )
+        return EXIT_USAGE
+    if spec.is_local and args.engine == "local":
+        from .engines.devices import plan_workers
 
         try:
-            devices = resolve_devices(args.devices)
+            devices = plan_workers(args.devices, args.device, args.model, args.workers_per_device)
         except BackendError as exc:
             log.error("%s", exc)
             return EXIT_USAGE
+    elif args.devices or args.workers_per_device is not None:
+        log.error(
+            "--devices and --workers-per-device are for --engine local; "
+            "under Ray each actor takes one GPU of the cluster"
+        )
+        return EXIT_USAGE
     opts = EmbedOptions(
         inputs=inputs,
         dirs=dirs_from_args(args),
@@ -215,9 +230,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if devices and len(devices) == 1:
         spec = spec.on_device(devices[0])
     if args.engine == "ray":
-        if devices:
-            log.error("--devices is for --engine local; under Ray each actor takes one GPU of the cluster")
-            return EXIT_USAGE
         from .engines.ray import RayOptions
 
         opts.ray = RayOptions(address=args.ray_address, cpus_per_task=args.ray_cpus_per_task)

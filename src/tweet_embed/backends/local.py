@@ -95,6 +95,28 @@ def resolve_devices(spec: str | None) -> list[str]:
     return out
 
 
+def model_width(spec: str | None) -> int | None:
+    """The model's hidden size when it can be known without loading it (and without torch), else None.
+
+    The packaged MiniLM, ``random:`` shapes, and local directories with a ``config.json``; hub names: None.
+    """
+    spec = spec or MINILM_ID
+    if spec in MINILM_ALIASES:
+        return 384
+    if spec.startswith("random:"):
+        shape = spec[len("random:") :]
+        if shape in RANDOM_SHAPES:
+            return RANDOM_SHAPES[shape][1]
+        m = _RANDOM_LH.match(shape)
+        return int(m.group(2)) if m else None
+    cfg = Path(spec).expanduser() / "config.json"
+    try:
+        width = json.loads(cfg.read_text()).get("hidden_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(width) if isinstance(width, int) else None
+
+
 def _cuda_count() -> int:
     try:
         import torch
@@ -931,6 +953,9 @@ class LocalBackend(Backend):
             from transformers import AutoConfig, AutoModel
         except ImportError as e:
             raise BackendError(f"the local backend needs transformers: {INSTALL_HINT}") from e
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per worker is noise among our log lines
         self._pooling, max_seq = layout
         cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
         self._max_len = min(max_seq, int(getattr(cfg, "max_position_embeddings", max_seq) or max_seq))
@@ -1267,7 +1292,9 @@ class LocalBackend(Backend):
             self._executor.shutdown(wait=True)
             self._executor = None
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # wait: its idle processes exit at once, and a process that ends before they are reaped leaves
+            # the resource tracker warning about leaked semaphores
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._graphs.clear()
         self._graph_pool = None
