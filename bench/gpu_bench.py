@@ -10,13 +10,13 @@ One run measures, on the same machine:
 4. ``SentenceTransformer.encode`` (MiniLM, fp16, batch 1,024) for comparison;
 5. the run loop with a null model (read, parse, write Parquet: the I/O ceiling);
 6. ``tweet-embed embed`` end to end from a JSONL file to Parquet shards, as a subprocess, for both models:
-   wall time (with start-up) and steady state (first to last shard); MiniLM again with the Rust tokenizer
-   (``TWEET_EMBED_FAST_TOKENIZER=0``, the before/after of the word-cache tokenizer), and a 0-layer model
-   (``random:L0-H384``: embeddings and pooling only), the CPU side's own end-to-end ceiling.
+   wall time (with start-up) and steady state (first to last shard); on the file's first half, MiniLM again
+   with one worker process per GPU (``--workers-per-device 1``, the before/after of the default two), and a
+   0-layer model (``random:L0-H384``: embeddings and pooling only), the CPU side's own end-to-end ceiling.
 
 Prints one line per figure and writes JSON. ``--quick`` runs tiny sizes on the CPU (for testing the script).
 
-    python bench/gpu_bench.py                     # GPU: 1M lines, about 3 minutes on an H100
+    python bench/gpu_bench.py                     # GPU: 1M lines, about 4 minutes on an H100
     python bench/gpu_bench.py --quick             # CPU smoke test
 """
 
@@ -286,7 +286,9 @@ def bench_e2e(
     device: str | None,
     chunk: int,
     extra_env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """``tweet-embed embed`` as a user runs it; ``n`` below the file's lines embeds only its first chunks."""
     shutil.rmtree(work, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -305,6 +307,9 @@ def bench_e2e(
     ]
     if device:
         cmd += ["--device", device]
+    if n % chunk == 0 and n < sum(1 for _ in open(path, "rb")):
+        cmd += ["--max-chunks", str(n // chunk)]
+    cmd += list(extra_args)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     env.update(extra_env or {})
     t = time.perf_counter()
@@ -324,16 +329,30 @@ def bench_e2e(
         (rows - first_rows) / (mtimes[-1] - mtimes[0]) if len(mtimes) > 1 and mtimes[-1] > mtimes[0] else 0.0
     )
     stats = {}
+    m = re.search(r"(\d+) device workers ready", proc.stderr)
+    workers = int(m.group(1)) if m else 1
     m = re.search(r"Backend: (.*)", proc.stderr)
     if m:
         stats = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
     m = re.search(r"in ([\d.]+)s: ([\d.]+) docs/s", proc.stderr)
     run_s = float(m.group(1)) if m else 0.0
     emit(f"tweet-embed embed {label} (wall, with start-up)", n / wall, note=f"{n:,} lines, {wall:.1f}s")
-    emit(f"tweet-embed embed {label} (steady, first→last shard)", steady, note=f"{len(shards)} shards")
+    emit(
+        f"tweet-embed embed {label} (steady, first→last shard)",
+        steady,
+        note=f"{len(shards)} shards, {workers} worker process{'es' if workers > 1 else ''}",
+    )
     print(f"  backend stats: {stats}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    return {"wall_s": wall, "run_s": run_s, "steady": steady, "wall_rate": n / wall, "stats": stats}
+    return {
+        "wall_s": wall,
+        "run_s": run_s,
+        "steady": steady,
+        "wall_rate": n / wall,
+        "workers": workers,
+        "lines": n,
+        "stats": stats,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -462,27 +481,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     null_rate = stage("null_pipeline", bench_null, corpus, work / "null", n_lines, sizes["chunk"]) or 0.0
     e2e: dict[str, Any] = {}
     if not args.skip_e2e:
-        runs = [
-            ("minilm", "all-MiniLM-L6-v2", None),
-            ("large", large, None),
+        half = n_lines if q else n_lines // 2 // sizes["chunk"] * sizes["chunk"] or n_lines
+        # (label, model, environment, extra arguments, lines): the diagnostic runs take the file's first half
+        runs: list[tuple[str, str, dict[str, str] | None, list[str], int]] = [
+            # 2 workers per GPU by default with 8+ cores; --quick: 2 on the CPU, to run that path
+            ("minilm", "all-MiniLM-L6-v2", None, ["--workers-per-device", "2"] if q else [], n_lines),
+            ("large", large, None, [], n_lines),
             # everything but the transformer layers (embeddings + pooling on the device): the CPU side's own
             # end-to-end ceiling (read, parse, tokenize, launch, write) on this machine
-            ("cpu_side", "random:L0-H384", None),
-            # the tokenizer before WordCacheTokenizer (same ids), for the before/after on the same machine
-            ("minilm_rust_tokenizer", "all-MiniLM-L6-v2", {"TWEET_EMBED_FAST_TOKENIZER": "0"}),
+            ("cpu_side", "random:L0-H384", None, [], half),
+            # one worker process per GPU, as before --workers-per-device: the before/after on the same card
+            ("minilm_1_worker", "all-MiniLM-L6-v2", None, ["--workers-per-device", "1"], half),
+            # (the tokenizer's before/after is its own stage above: word cache vs Rust, one core each; an
+            # end-to-end run with TWEET_EMBED_FAST_TOKENIZER=0 would not fit the 4 minutes)
         ]
-        for label, model, extra_env in runs:
+        for label, model, extra_env, extra_args, lines in runs:
             r = stage(
                 f"e2e_{label}",
                 bench_e2e,
                 corpus,
                 work / f"e2e_{label}",
-                n_lines,
+                lines,
                 model,
                 label,
                 device,
                 sizes["chunk"],
                 extra_env,
+                extra_args,
             )
             if r:
                 e2e[label] = r
