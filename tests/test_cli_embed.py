@@ -270,3 +270,28 @@ def test_workers_per_device_is_for_the_local_model(tmp_path, server) -> None:
     assert r.returncode == 2 and "in-process model" in r.stderr
     r = run_cli("embed", "x.jsonl", "--workers-per-device", "0", "--work-dir", str(tmp_path / "w"))
     assert r.returncode == 2 and "at least 1" in r.stderr
+
+
+def test_dtype_bf16_on_cpu_and_fp16_refused(tmp_path) -> None:
+    """``--dtype``: bf16 runs on the CPU (recorded in the shards), close to fp32; fp16 there is a clear error."""
+    src = os.path.join(ROOT, "sample", "tweets.jsonl")
+    p = tmp_path / "slice.jsonl"
+    with open(src, "rb") as fh:
+        p.write_bytes(b"".join(fh.readlines()[:60]))
+    r32 = run_cli("embed", str(p), "--work-dir", str(tmp_path / "fp32"))
+    r16 = run_cli("embed", str(p), "--work-dir", str(tmp_path / "bf16"), "--dtype", "bf16")
+    assert r32.returncode == 0 and r16.returncode == 0, r16.stderr
+    ids32, v32 = read_shards(str(tmp_path / "fp32" / "shards"), 384)[:2]
+    ids16, v16 = read_shards(str(tmp_path / "bf16" / "shards"), 384)[:2]
+    assert ids16 == ids32 and len(ids16) == 60
+    cos = (v32 * v16).sum(axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(v32, v16)
+    shard = glob.glob(str(tmp_path / "bf16" / "shards" / "*.parquet"))[0]
+    assert pq.read_schema(shard).metadata[b"tweet_embed.dtype"] == b"bfloat16"
+    bad = run_cli("embed", str(p), "--work-dir", str(tmp_path / "fp16"), "--dtype", "fp16", "--device", "cpu")
+    assert bad.returncode != 0 and "fp16 is for GPUs" in bad.stderr
+
+
+def test_dtype_is_for_the_local_model(server) -> None:
+    r = run_cli("embed", "x.jsonl", "--tei-urls", server.embed_url, "--dtype", "bf16")
+    assert r.returncode == 2 and "in-process model" in r.stderr

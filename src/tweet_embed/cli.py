@@ -100,6 +100,11 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--insecure", action="store_true", help="do not verify HTTPS certificates")
     g.add_argument("--device", help="local model device (cpu, cuda, cuda:1); default: CUDA if present")
     g.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        help="local model precision; default: fp16 on GPUs, fp32 on CPUs (bf16 works on both)",
+    )
+    g.add_argument(
         "--devices",
         help="several GPUs on this machine, one worker process each: 'all' or '0,1,2,3' (local model only)",
     )
@@ -192,12 +197,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         device=args.device,
         workers=args.workers if args.workers is not None else _all_cores(),
+        dtype=args.dtype,
     )
 
     devices = None
-    if (args.devices or args.workers_per_device is not None) and not spec.is_local:
+    if (args.devices or args.workers_per_device is not None or args.dtype) and not spec.is_local:
         log.error(
-            "--devices and --workers-per-device are for the in-process model; servers are given with --tei-urls"
+            "--devices, --workers-per-device and --dtype are for the in-process model; "
+            "servers are given with --tei-urls"
         )
         return EXIT_USAGE
     if spec.is_local and args.engine == "local":

@@ -72,6 +72,7 @@ def make_backend(
     device: str | None = None,
     decode_executor: Executor | None = None,
     workers: int | None = None,
+    dtype: str | None = None,
 ) -> Backend:
     """Build the backend a run asks for (see module doc)."""
     tei = split_urls(urls)
@@ -102,7 +103,7 @@ def make_backend(
     from .local import LocalBackend
 
     return LocalBackend(
-        model or DEFAULT_LOCAL_MODEL, device=device, normalize=normalize, batch_size=batch_size
+        model or DEFAULT_LOCAL_MODEL, device=device, normalize=normalize, batch_size=batch_size, dtype=dtype
     )
 
 
@@ -124,6 +125,7 @@ class BackendSpec:
     insecure: bool = False
     device: str | None = None
     workers: int | None = None  # response-decoding processes of HTTP backends (None: one thread)
+    dtype: str | None = None  # local model: fp16 / bf16 / fp32 (None: fp16 on GPUs, fp32 on CPUs)
 
     def __repr__(self) -> str:  # URLs redacted, no key: safe in log lines, tracebacks and Ray task errors
         from .pool import redact_url
@@ -152,4 +154,5 @@ class BackendSpec:
             device=self.device,
             decode_executor=decode_executor,
             workers=self.workers,
+            dtype=self.dtype,
         )
