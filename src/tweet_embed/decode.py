@@ -31,6 +31,7 @@ import asyncio
 import binascii
 import contextlib
 import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -38,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from .procs import exit_with_parent, leave_ctrl_c_to_parent
 
 try:  # optional accelerators (core dependencies, but the slow paths keep working without them)
     import simdjson as _simdjson
@@ -315,11 +318,8 @@ def _warm() -> int:
 
 
 def _worker_init(parent: int) -> None:
-    """In each decode process: leave Ctrl-C to the parent, and die with it (even after ``kill -9``; the
-    executor's queues keep their pipes open in every child, so a worker would otherwise wait forever)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """In each decode process: leave Ctrl-C to the parent, and die with it (even after ``kill -9``)."""
+    leave_ctrl_c_to_parent()
     try:
         import ctypes
 
@@ -327,15 +327,7 @@ def _worker_init(parent: int) -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
-
-    def watch() -> None:
-        import time
-
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    exit_with_parent(parent)
 
 
 class DecodePool:

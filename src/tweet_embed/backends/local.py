@@ -580,7 +580,12 @@ def load_tokenizer(path: str, max_len: int) -> Any:
 
 
 def _tok_init(path: str, max_len: int) -> None:
-    """Tokenizer worker process set-up: one single-threaded tokenizer (the processes are the parallelism)."""
+    """Tokenizer worker process set-up: one single-threaded tokenizer (the processes are the parallelism);
+    Ctrl-C is the parent's to handle, and the process ends with its parent (even after ``kill -9``)."""
+    from ..procs import exit_with_parent, leave_ctrl_c_to_parent
+
+    leave_ctrl_c_to_parent()
+    exit_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _WORKER_TOK
     _WORKER_TOK = fast_tokenizer(load_tokenizer(path, max_len))

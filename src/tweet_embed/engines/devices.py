@@ -23,6 +23,7 @@ from typing import Any
 from ..backends import BackendSpec
 from ..backends.base import BackendError
 from ..chunks import Chunk, Plan, WorkDirs, check_manifest, iter_chunk_bytes, manifest_key
+from ..procs import exit_with_parent
 from ..progress import Progress
 from ..records import parse_lines
 
@@ -43,10 +44,6 @@ def _payloads(plan: Plan, pending: list[Chunk]) -> Iterator[tuple[Chunk, bytes |
     yield from iter_chunk_bytes(plan, jsonl)
 
 
-class _Orphaned(Exception):
-    """The parent died (kill -9): stop without a word, so no orphan holds a GPU."""
-
-
 CHUNKS_IN_FLIGHT = 2  # per worker: one chunk tokenizes while the other runs on the device
 WRITES_IN_FLIGHT = 2  # finished chunks being written while the next ones embed
 
@@ -63,6 +60,7 @@ def _worker_main(
     results: Any,
 ) -> None:
     """Body of one device process: build the backend, report ready, then embed and commit chunks."""
+    exit_with_parent()  # never an orphan holding a GPU, even when the parent dies halfway through a message
     try:
         loop = asyncio.new_event_loop()
         backend = spec.on_device(device).build()
@@ -74,8 +72,6 @@ def _worker_main(
         finally:
             loop.run_until_complete(backend.close())
         results.put(("stats", index, backend.stats()))
-    except _Orphaned:
-        return
     except BaseException as exc:  # report everything, KeyboardInterrupt included
         results.put(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
 
@@ -101,22 +97,22 @@ async def _serve(
     from ..worker import commit_chunk, embed_block
 
     loop = asyncio.get_running_loop()
-    parent = os.getppid()
     io = ThreadPoolExecutor(1, thread_name_prefix="reader")
     writer = ThreadPoolExecutor(WRITES_IN_FLIGHT, thread_name_prefix="writer")
     slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
     write_slots = asyncio.Semaphore(WRITES_IN_FLIGHT)
     running: set[asyncio.Task[None]] = set()
     errors: list[BaseException] = []
+    stopping = threading.Event()
 
     def next_block() -> tuple[Chunk, Any] | None:
         while True:
             try:
-                item = tasks.get(timeout=POLL * 4)
+                item = tasks.get(timeout=POLL)
                 break
             except queue.Empty:
-                if os.getppid() != parent:
-                    raise _Orphaned() from None
+                if stopping.is_set():  # this worker failed: let the thread end, so the process can
+                    return None
         if item is None:
             return None
         chunk, payload = item
@@ -166,6 +162,7 @@ async def _serve(
         await asyncio.gather(*list(running), return_exceptions=True)
         raise
     finally:
+        stopping.set()
         writer.shutdown(wait=True)
         io.shutdown(wait=False, cancel_futures=True)
 

@@ -1,0 +1,32 @@
+"""Child processes that never outlive their parent.
+
+Every helper process here (device workers, tokenizer and decode processes) talks to its parent through
+``multiprocessing`` queues, whose pipes stay open in every child: after the parent's ``kill -9`` a child
+blocked on one (even halfway through a message) would wait forever, holding memory or a GPU. A watch thread
+ends it instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+
+def exit_with_parent(parent: int | None = None, interval: float = 1.0) -> None:
+    """Start a daemon thread that ends this process (``os._exit``) once ``parent`` (default: the current
+    parent) is gone, i.e. this process has been re-parented."""
+    parent = os.getppid() if parent is None else parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def leave_ctrl_c_to_parent() -> None:
+    """Ignore SIGINT: Ctrl-C reaches the whole process group, and the parent decides how the run stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
