@@ -158,3 +158,32 @@ def moto_s3(bucket: str) -> Iterator[object]:
             else:
                 os.environ[k] = v
         storage.clear_cache()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (workers, tokenizer and decode processes, the resource tracker), from /proc."""
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    parents[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in out]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie has exited; in a container nobody may reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

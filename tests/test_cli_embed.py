@@ -18,7 +18,7 @@ import pytest
 from tweet_embed.synth import synth_tweets, write_jsonl
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import ROOT, read_shards, run_cli
+from conftest import ROOT, alive, descendants, read_shards, run_cli
 
 DIM = 16
 
@@ -297,34 +297,6 @@ def test_dtype_is_for_the_local_model(server) -> None:
     assert r.returncode == 2 and "in-process model" in r.stderr
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc), found while the tree is intact."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except OSError:
-        return False
-
-
 def test_kill9_of_parent_leaves_no_worker_or_tokenizer_process(tmp_path) -> None:
     """Device workers and their tokenizer processes end with the parent, even when it dies by kill -9 in the
     middle of handing over a chunk; the resume then completes every row exactly once."""
@@ -339,14 +311,14 @@ def test_kill9_of_parent_leaves_no_worker_or_tokenizer_process(tmp_path) -> None
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert first.exists() and proc.poll() is None, "the run ended or stalled before the first chunk"
-    kids = _descendants(proc.pid)
+    kids = descendants(proc.pid)
     assert len(kids) >= 6, kids  # 2 workers with 2 tokenizer processes each, and the resource tracker
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 20
-    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [k for k in kids if _alive(k)], "processes outlived their parent"
+    assert not [k for k in kids if alive(k)], "processes outlived their parent"
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     ids, _, _ = read_shards(str(tmp_path / "w" / "shards"), 64)

@@ -28,7 +28,7 @@ from tweet_embed.parquet import file_sha256
 from tweet_embed.synth import synth_tweets
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import ROOT, read_shards, run_cli
+from conftest import ROOT, alive, descendants, read_shards, run_cli
 
 DIM = 16
 PROBE = "dimension probe"
@@ -328,34 +328,6 @@ def test_servers_down_from_the_start(tmp_path, model_flag: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------ pipeline crashes
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (decode workers, their resource tracker), read from /proc."""
-    parents: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    parents[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p and c not in out]
-        out.update(kids)
-        todo.extend(kids)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_kill9_at_50_random_moments_gives_the_uninterrupted_output(tmp_path) -> None:

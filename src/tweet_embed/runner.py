@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from .chunks import (
     REJECTS_DIR,
     Chunk,
     InputFile,
+    Marker,
     Plan,
     PlanError,
     WorkDirs,
@@ -37,10 +37,10 @@ from .chunks import (
 )
 from .progress import Progress
 from .records import InputError, ParsedBlock, parse_lines
-from .worker import commit_chunk, embed_block
+from .worker import ChunkResult, commit_chunk, embed_block, run_pipeline
 
 log = logging.getLogger("tweet_embed")
-WRITE_QUEUE = 3  # finished chunks in or waiting for the writer threads
+WRITE_QUEUE = 3  # finished chunks being written at once (writer threads)
 
 
 @dataclass
@@ -230,9 +230,6 @@ async def _run_pending(
 ) -> None:
     dirs = opts.dirs
     backend = make_backend()
-    loop = asyncio.get_running_loop()
-    writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="writer")
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reader")
     try:
         info = await backend.start()
         summary.model, summary.dim = info.model, info.dim
@@ -240,74 +237,33 @@ async def _run_pending(
         check_manifest(dirs, key)
         metadata = {**info.metadata(), "version": __version__}
         limiter = asyncio.Semaphore(max(1, info.max_in_flight))
-        slots = asyncio.Semaphore(max(1, opts.chunks_in_flight))  # chunks being embedded
-        # Finished chunks waiting for or in a writer hand their embedding slot on at once, so a slow write
-        # never idles the servers; this bounds them (memory: chunks_in_flight + WRITE_QUEUE + 2 chunks).
-        write_slots = asyncio.Semaphore(WRITE_QUEUE)
-        remaining_lines = sum(c.n_lines for c in pending)
         gen = parse_chunks(plan, pending, opts)
-        tasks: set[asyncio.Task[None]] = set()
-        errors: list[BaseException] = []
 
-        def finished(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                errors.append(task.exception())  # type: ignore[arg-type]
+        async def embed(chunk: Chunk, block: ParsedBlock) -> ChunkResult:
+            label = plan.files[chunk.file_index].label
+            return await embed_block(
+                backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter, file_label=label
+            )
 
-        async def process(chunk: Chunk, block: ParsedBlock) -> None:
-            embedding = True
-            try:
-                label = plan.files[chunk.file_index].label
-                result = await embed_block(
-                    backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter, file_label=label
-                )
-                del block
-                async with write_slots:
-                    slots.release()
-                    embedding = False
-                    marker = await loop.run_in_executor(writer, commit_chunk, dirs, chunk, result, metadata)
-                summary.rows += marker.rows
-                summary.embedded_texts += marker.embedded_texts
-                summary.chunks_done_now += 1
-                progress.add(marker.rows, chunk.n_lines)
-            finally:
-                if embedding:
-                    slots.release()
+        def done(chunk: Chunk, marker: Marker) -> None:
+            summary.rows += marker.rows
+            summary.embedded_texts += marker.embedded_texts
+            summary.chunks_done_now += 1
+            progress.add(marker.rows, chunk.n_lines)
 
-        ahead: asyncio.Future[tuple[Chunk, ParsedBlock] | None] | None = None
-        with Progress(total_rows=remaining_lines, interval=opts.log_interval) as progress:
-            try:
-                # the reader parses the next chunk while this one waits for a slot (one chunk ahead)
-                ahead = loop.run_in_executor(reader, next, gen, None)
-                while True:
-                    item = await ahead
-                    if item is None:
-                        break
-                    await slots.acquire()
-                    if errors:
-                        slots.release()
-                        raise errors[0]
-                    ahead = loop.run_in_executor(reader, next, gen, None)
-                    task = asyncio.ensure_future(process(*item))
-                    tasks.add(task)
-                    task.add_done_callback(finished)
-                if tasks:
-                    await asyncio.gather(*list(tasks))
-                if errors:
-                    raise errors[0]
-            except BaseException:
-                if ahead is not None and not ahead.done():
-                    ahead.cancel()
-                for t in list(tasks):
-                    t.cancel()
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-                raise
+        with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
+            await run_pipeline(
+                lambda: next(gen, None),
+                embed,
+                lambda chunk, result: commit_chunk(dirs, chunk, result, metadata),
+                done,
+                chunks_in_flight=opts.chunks_in_flight,
+                writes_in_flight=WRITE_QUEUE,
+            )
         summary.stats = backend.stats()
     finally:
         with contextlib.suppress(Exception):
             await backend.close()
-        writer.shutdown(wait=True)
-        reader.shutdown(wait=False, cancel_futures=True)
 
 
 def run_embed(opts: EmbedOptions, make_backend: Callable[[], Backend] | BackendSpec) -> Summary:

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,6 +195,82 @@ def read_block(f: InputFile, chunk: Chunk, copts: ChunkOptions, data: bytes | No
     if data is None:
         data = read_range(f.path, chunk.start, chunk.end)
     return parse_lines(data, chunk.first_line, f.label, copts.id_field, copts.text_field)
+
+
+async def run_pipeline(
+    next_item: Callable[[], tuple[Chunk, ParsedBlock] | None],
+    embed: Callable[[Chunk, ParsedBlock], Awaitable[ChunkResult]],
+    commit: Callable[[Chunk, ChunkResult], Marker],
+    done: Callable[[Chunk, Marker], None],
+    *,
+    chunks_in_flight: int,
+    writes_in_flight: int,
+) -> None:
+    """Read, embed and write chunks with every stage overlapping the others, until ``next_item`` gives None.
+
+    ``next_item`` (blocking: reading, parsing) runs on its own thread, one chunk ahead. Up to
+    ``chunks_in_flight`` chunks are embedding. A chunk that has its vectors hands its slot on at once and waits
+    for one of ``writes_in_flight`` writer threads for ``commit`` (pyarrow releases the GIL), so a slow write
+    never idles the backend; memory stays within chunks_in_flight + writes_in_flight + 2 chunks. The first error
+    cancels the chunks still embedding and is raised once the commits under way have finished (their markers
+    count on resume). Shared by the local engine and the device workers.
+    """
+    loop = asyncio.get_running_loop()
+    reader = ThreadPoolExecutor(1, thread_name_prefix="reader")
+    writer = ThreadPoolExecutor(max(1, writes_in_flight), thread_name_prefix="writer")
+    slots = asyncio.Semaphore(max(1, chunks_in_flight))
+    write_slots = asyncio.Semaphore(max(1, writes_in_flight))
+    tasks: set[asyncio.Task[None]] = set()
+    errors: list[BaseException] = []
+
+    def finished(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())  # type: ignore[arg-type]
+
+    async def process(chunk: Chunk, block: ParsedBlock) -> None:
+        embedding = True
+        try:
+            result = await embed(chunk, block)
+            del block
+            async with write_slots:
+                slots.release()
+                embedding = False
+                marker = await loop.run_in_executor(writer, commit, chunk, result)
+            done(chunk, marker)
+        finally:
+            if embedding:
+                slots.release()
+
+    ahead: asyncio.Future[tuple[Chunk, ParsedBlock] | None] | None = None
+    try:
+        ahead = loop.run_in_executor(reader, next_item)
+        while True:
+            item = await ahead
+            if item is None:
+                break
+            await slots.acquire()
+            if errors:
+                slots.release()
+                raise errors[0]
+            ahead = loop.run_in_executor(reader, next_item)
+            task = asyncio.ensure_future(process(*item))
+            tasks.add(task)
+            task.add_done_callback(finished)
+        if tasks:
+            await asyncio.gather(*list(tasks))
+        if errors:
+            raise errors[0]
+    except BaseException:
+        if ahead is not None and not ahead.done():
+            ahead.cancel()
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*list(tasks), return_exceptions=True)
+        raise
+    finally:
+        writer.shutdown(wait=True)
+        reader.shutdown(wait=False, cancel_futures=True)
 
 
 async def process_chunk(

@@ -17,7 +17,6 @@ import queue
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..backends import BackendSpec
@@ -25,7 +24,6 @@ from ..backends.base import BackendError
 from ..chunks import Chunk, Plan, WorkDirs, check_manifest, iter_chunk_bytes, manifest_key
 from ..procs import exit_with_parent
 from ..progress import Progress
-from ..records import parse_lines
 
 log = logging.getLogger("tweet_embed")
 POLL = 0.5  # seconds between liveness checks while waiting on a queue
@@ -87,22 +85,12 @@ async def _serve(
     tasks: Any,
     results: Any,
 ) -> None:
-    """Take chunks until the parent's ``None``, as a pipeline: parsing, embedding and writing overlap.
+    """Take chunks until the parent's ``None``, in the same pipeline as the local engine (``run_pipeline``):
+    up to ``CHUNKS_IN_FLIGHT`` chunks embedding (the local backend runs two calls at once, one tokenizing while
+    the other is on the device) while the next is parsed and finished ones are written."""
+    from ..worker import ChunkOptions, commit_chunk, embed_block, read_block, run_pipeline
 
-    Why a pipeline: serially, the device idles while a chunk is parsed, tokenized and written; here up to
-    ``CHUNKS_IN_FLIGHT`` chunks are embedding (the local backend runs two calls at once, one tokenizing while
-    the other is on the device) while up to ``WRITES_IN_FLIGHT`` are being written (pyarrow releases the GIL).
-    """
-    from ..runner import read_parquet_block
-    from ..worker import commit_chunk, embed_block
-
-    loop = asyncio.get_running_loop()
-    io = ThreadPoolExecutor(1, thread_name_prefix="reader")
-    writer = ThreadPoolExecutor(WRITES_IN_FLIGHT, thread_name_prefix="writer")
-    slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
-    write_slots = asyncio.Semaphore(WRITES_IN_FLIGHT)
-    running: set[asyncio.Task[None]] = set()
-    errors: list[BaseException] = []
+    copts = ChunkOptions(opts["id_field"], opts["text_field"], opts["dedupe_texts"])
     stopping = threading.Event()
 
     def next_block() -> tuple[Chunk, Any] | None:
@@ -116,55 +104,23 @@ async def _serve(
         if item is None:
             return None
         chunk, payload = item
-        f = plan.files[chunk.file_index]
-        if payload is None:
-            return chunk, read_parquet_block(f, chunk, opts["id_field"], opts["text_field"])
-        return chunk, parse_lines(payload, chunk.first_line, f.label, opts["id_field"], opts["text_field"])
+        return chunk, read_block(plan.files[chunk.file_index], chunk, copts, payload)
 
-    async def process(chunk: Chunk, block: Any) -> None:
-        embedding = True
-        try:
-            label = plan.files[chunk.file_index].label
-            result = await embed_block(backend, block, info, dedupe=opts["dedupe_texts"], file_label=label)
-            del block
-            async with write_slots:
-                slots.release()
-                embedding = False
-                marker = await loop.run_in_executor(writer, commit_chunk, dirs, chunk, result, metadata)
-            results.put(("done", index, chunk.n_lines, marker))
-        finally:
-            if embedding:
-                slots.release()
-
-    def finished(task: asyncio.Task[None]) -> None:
-        running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            errors.append(task.exception())  # type: ignore[arg-type]
+    async def embed(chunk: Chunk, block: Any) -> Any:
+        label = plan.files[chunk.file_index].label
+        return await embed_block(backend, block, info, dedupe=copts.dedupe_texts, file_label=label)
 
     try:
-        while True:
-            await slots.acquire()
-            if errors:
-                raise errors[0]
-            item = await loop.run_in_executor(io, next_block)
-            if item is None:
-                break
-            task = asyncio.ensure_future(process(*item))
-            running.add(task)
-            task.add_done_callback(finished)
-        if running:
-            await asyncio.gather(*list(running))
-        if errors:
-            raise errors[0]
-    except BaseException:
-        for t in list(running):
-            t.cancel()
-        await asyncio.gather(*list(running), return_exceptions=True)
-        raise
+        await run_pipeline(
+            next_block,
+            embed,
+            lambda chunk, result: commit_chunk(dirs, chunk, result, metadata),
+            lambda chunk, marker: results.put(("done", index, chunk.n_lines, marker)),
+            chunks_in_flight=CHUNKS_IN_FLIGHT,
+            writes_in_flight=WRITES_IN_FLIGHT,
+        )
     finally:
         stopping.set()
-        writer.shutdown(wait=True)
-        io.shutdown(wait=False, cancel_futures=True)
 
 
 class DevicePool:
