@@ -342,3 +342,17 @@ def test_cli_driver_killed_then_rerun_resumes_exactly(tmp_path) -> None:
     assert ids == [i for i, _ in records]
     np.testing.assert_array_equal(vecs, expected_vectors([t for _, t in records], DIM))
     assert not [n for n in os.listdir(os.path.join(work, "shards")) if n.startswith(".")]
+
+
+def test_actor_layout_workers_per_gpu() -> None:
+    """``--workers-per-device N`` under Ray: N actors share each GPU (``num_gpus=1/N``)."""
+    from tweet_embed.engines.ray import actor_layout
+
+    assert actor_layout(4, RayOptions()) == (4, 1.0)
+    assert actor_layout(4, RayOptions(workers_per_gpu=2)) == (8, 0.5)
+    assert actor_layout(3, RayOptions(workers_per_gpu=3)) == (9, 1 / 3)
+    assert actor_layout(0, RayOptions()) == (1, 0.0)  # no GPU: the model on CPU in one actor
+    assert actor_layout(0, RayOptions(workers_per_gpu=2)) == (2, 0.0)
+    assert actor_layout(4, RayOptions(gpus_per_actor=0.25)) == (16, 0.25)  # an explicit share wins
+    assert actor_layout(4, RayOptions(actors=3, workers_per_gpu=2)) == (3, 0.5)
+    assert actor_layout(3, RayOptions(gpus_per_actor=1 / 3)) == (9, 1 / 3)

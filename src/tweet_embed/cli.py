@@ -38,6 +38,17 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     pass
 
 
+def _at_least_one(value: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def add_dir_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("directories")
     g.add_argument(
@@ -110,10 +121,11 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--workers-per-device",
-        type=int,
+        type=_at_least_one,
         metavar="N",
         help="worker processes per GPU, each with its own reading, tokenizing and writing (e.g. 2); "
-        "default: 2 for a small model (hidden size up to 512, like MiniLM) with 8+ cores per GPU, else 1",
+        "default: 2 for a small model (hidden size up to 512, like MiniLM) with 8+ cores per GPU, else 1; "
+        "under --engine ray: actors per GPU (default 1)",
     )
     add_dir_options(p)
     g = p.add_argument_group("input and chunks")
@@ -215,11 +227,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         except BackendError as exc:
             log.error("%s", exc)
             return EXIT_USAGE
-    elif args.devices or args.workers_per_device is not None:
-        log.error(
-            "--devices and --workers-per-device are for --engine local; "
-            "under Ray each actor takes one GPU of the cluster"
-        )
+    elif args.devices:
+        log.error("--devices is for --engine local; under Ray the actors are placed on the cluster's GPUs")
         return EXIT_USAGE
     opts = EmbedOptions(
         inputs=inputs,
@@ -239,7 +248,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from .engines.ray import RayOptions
 
-        opts.ray = RayOptions(address=args.ray_address, cpus_per_task=args.ray_cpus_per_task)
+        opts.ray = RayOptions(
+            address=args.ray_address,
+            cpus_per_task=args.ray_cpus_per_task,
+            workers_per_gpu=args.workers_per_device or 1,  # actors sharing each GPU
+        )
     urls = [
         redact_url(u.strip())
         for v in (args.tei_urls or []) + (args.openai_urls or [])

@@ -65,7 +65,8 @@ class RayOptions:
     cpus_per_task: float = 1.0  # HTTP tasks; below 1 packs several client tasks per core
     use_actors: bool | None = None  # None: actors for the in-process model, tasks for HTTP servers
     actors: int | None = None  # None: one per GPU in the cluster (one actor when there is none)
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (the model on CPU)
+    gpus_per_actor: float | None = None  # None: 1/workers_per_gpu when the cluster has GPUs, else 0 (CPU)
+    workers_per_gpu: int = 1  # actors sharing each GPU (--workers-per-device): a small model outruns one
     cpus_per_actor: float = 1.0
     max_retries: int = 3
     in_flight: int | None = None  # chunks submitted at once; None: twice what the cluster runs at once
@@ -398,12 +399,26 @@ async def run_on_ray(
                         ray.kill(a)
 
 
+def actor_layout(gpus: float, ropts: RayOptions) -> tuple[int, float]:
+    """``(actors, GPU share of each)`` for a cluster with ``gpus`` GPUs.
+
+    ``workers_per_gpu`` actors share each GPU (``num_gpus=1/N``), for the same reason as
+    ``--workers-per-device`` on one machine; on a cluster without GPUs, that many CPU actors.
+    """
+    w = max(1, int(ropts.workers_per_gpu))
+    if ropts.gpus_per_actor is not None:
+        per = float(ropts.gpus_per_actor)
+        return ropts.actors or (int(gpus / per + 1e-9) if per > 0 else w), per
+    if not gpus:
+        return ropts.actors or w, 0.0
+    return ropts.actors or int(gpus) * w, 1.0 / w
+
+
 def _start_actors(
     ray: Any, ropts: RayOptions, key: str, factory: Callable[[], Backend]
 ) -> tuple[list[Any], BackendInfo]:
+    n, per = actor_layout(ray.cluster_resources().get("GPU", 0), ropts)
     gpus = ray.cluster_resources().get("GPU", 0)
-    per = ropts.gpus_per_actor if ropts.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    n = ropts.actors or (int(gpus // per) if per > 0 else 1)
     if n < 1:
         raise ClusterError(f"the cluster has {gpus:g} GPUs: not enough for one actor with {per:g} GPU each")
     if not per:
@@ -430,4 +445,4 @@ def _start_actors(
     return actors, infos[0]
 
 
-__all__ = ["RayOptions", "ClusterError", "run_on_ray", "run_chunk", "ChunkActor"]
+__all__ = ["RayOptions", "ClusterError", "run_on_ray", "run_chunk", "ChunkActor", "actor_layout"]
