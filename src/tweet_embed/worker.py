@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import storage
-from .backends.base import Backend, BackendInfo
+from .backends.base import Backend, BackendInfo, check_vectors
 from .backends.pool import BatchRefused
 from .chunks import Chunk, InputFile, Marker, WorkDirs, write_marker
 from .parquet import file_sha256, make_table, write_table
@@ -68,16 +68,31 @@ async def embed_texts(
     A refused batch is split in halves until the refused text stands alone; its row gets a zero vector
     here and is turned into a reject by the caller.
     """
-    out = np.zeros((len(texts), info.dim), dtype=np.float32)
     refused: dict[int, str] = {}
+    # the character cap protects HTTP bodies; an in-process model takes whole token-budgeted calls
+    max_chars = MAX_BATCH_CHARS if info.kind != "local" else sys.maxsize
+    batches = make_batches(texts, info.max_batch, max_chars)
+
+    async def call(lo: int, hi: int) -> np.ndarray:
+        if limiter is None:
+            return await backend.embed(texts[lo:hi])
+        async with limiter:
+            return await backend.embed(texts[lo:hi])
+
+    if len(batches) == 1:  # one call (a local model's whole chunk): its array as it is, not copied
+        n = len(texts)
+        try:
+            return check_vectors(await call(0, n), n, info.dim), refused
+        except BatchRefused as exc:
+            if n == 1:
+                refused[0] = f"server refused the text: {exc}"
+                return np.zeros((1, info.dim), dtype=np.float32), refused
+            batches = [(0, n // 2), (n // 2, n)]  # split, as any refused batch below
+    out = np.zeros((len(texts), info.dim), dtype=np.float32)
 
     async def run(lo: int, hi: int) -> None:
         try:
-            if limiter is None:
-                vecs = await backend.embed(texts[lo:hi])
-            else:
-                async with limiter:
-                    vecs = await backend.embed(texts[lo:hi])
+            vecs = await call(lo, hi)
         except BatchRefused as exc:
             if hi - lo == 1:
                 refused[lo] = f"server refused the text: {exc}"
@@ -87,9 +102,7 @@ async def embed_texts(
             return
         out[lo:hi] = vecs
 
-    # the character cap protects HTTP bodies; an in-process model takes whole token-budgeted calls
-    max_chars = MAX_BATCH_CHARS if info.kind != "local" else sys.maxsize
-    tasks = [asyncio.ensure_future(run(lo, hi)) for lo, hi in make_batches(texts, info.max_batch, max_chars)]
+    tasks = [asyncio.ensure_future(run(lo, hi)) for lo, hi in batches]
     try:
         await asyncio.gather(*tasks)
     except BaseException:

@@ -49,7 +49,8 @@ class Backend(ABC):
 
     @abstractmethod
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Return a C-contiguous float32 array of shape ``(len(texts), dim)``, rows in input order."""
+        """Return a new C-contiguous float32 array of shape ``(len(texts), dim)``, rows in input order (the
+        caller keeps it: never a view of a buffer the backend reuses)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, threads, GPU memory."""
