@@ -538,6 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict[f"{label}_stage_ceilings"] = ceilings
         verdict[f"{label}_limited_by"] = min(ceilings, key=ceilings.__getitem__) if ceilings else None
         print(f"{label} limited by: {verdict[f'{label}_limited_by']} {ceilings}", flush=True)
+    if "minilm" in e2e and e2e.get("minilm_1_worker", {}).get("steady"):
+        ratio = e2e["minilm"]["steady"] / e2e["minilm_1_worker"]["steady"]
+        verdict["minilm_default_workers_over_1_worker"] = ratio
+        emit(
+            f"ratio e2e minilm {e2e['minilm']['workers']} workers / 1 worker per GPU (steady)",
+            ratio,
+            unit="x",
+        )
     if "minilm" in e2e and st_rate:
         for how, rate in (("steady", e2e["minilm"]["steady"]), ("wall", e2e["minilm"]["wall_rate"])):
             verdict[f"minilm_e2e_{how}_over_st"] = rate / st_rate
