@@ -30,6 +30,7 @@ examples:
   tweet-embed embed tweets.jsonl --tei-urls http://gpu1:8080/embed,http://gpu2:8080/embed
   tweet-embed embed part-*.jsonl.zst --openai-urls http://vllm:8000/v1 --model BAAI/bge-m3
   tweet-embed embed tweets.jsonl --work-dir /nvme/run1 --output-dir /ssd/shards
+  tweet-embed embed tweets.jsonl --devices all --dtype bf16   # every GPU here, bfloat16
 Re-running the same command resumes after the last finished chunk.
 """
 
