@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .procs import exit_with_parent, leave_ctrl_c_to_parent
+from .procs import available_cores, exit_with_parent, leave_ctrl_c_to_parent
 
 try:  # optional accelerators (core dependencies, but the slow paths keep working without them)
     import simdjson as _simdjson
@@ -76,14 +76,6 @@ class DecodeError(ValueError):
 def accelerators() -> dict[str, bool]:
     """Which fast decoders are importable (shown by the benchmark)."""
     return {"simdjson": _simdjson is not None, "pybase64": "_pybase64" in globals()}
-
-
-def available_cores() -> int:
-    """All cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def default_workers() -> int:

@@ -1,4 +1,4 @@
-"""Child processes that never outlive their parent.
+"""Helper processes: how many cores there are for them, and children that never outlive their parent.
 
 Every helper process here (device workers, tokenizer and decode processes) talks to its parent through
 ``multiprocessing`` queues, whose pipes stay open in every child: after the parent's ``kill -9`` a child
@@ -12,6 +12,14 @@ import os
 import signal
 import threading
 import time
+
+
+def available_cores() -> int:
+    """All cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def exit_with_parent(parent: int | None = None, interval: float = 1.0) -> None:

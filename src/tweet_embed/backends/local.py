@@ -604,8 +604,9 @@ def default_tokenizer_workers(cuda: bool) -> int:
         return max(0, int(env))
     if not cuda:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(2, min(12, cores - 4))
+    from ..procs import available_cores
+
+    return max(2, min(12, available_cores() - 4))
 
 
 def minilm_dir() -> Path:
@@ -832,8 +833,9 @@ class LocalBackend(Backend):
             # thread spins on the cores the tokenizer processes and the run loop need
             torch.set_num_threads(max(1, int(self.threads or 1)))
         else:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            torch.set_num_threads(max(1, int(self.threads or cores or 1)))
+            from ..procs import available_cores
+
+            torch.set_num_threads(max(1, int(self.threads or available_cores())))
         dtype = self._resolve_dtype(torch)
 
         spec = self.model_spec

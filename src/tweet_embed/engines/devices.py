@@ -22,7 +22,7 @@ from typing import Any
 from ..backends import BackendSpec
 from ..backends.base import BackendError
 from ..chunks import Chunk, Plan, WorkDirs, check_manifest, iter_chunk_bytes, manifest_key
-from ..procs import exit_with_parent
+from ..procs import available_cores, exit_with_parent
 from ..progress import Progress
 
 log = logging.getLogger("tweet_embed")
@@ -140,8 +140,7 @@ class DevicePool:
         self.labels = worker_labels(devices)
         # Not daemonic: the local backend tokenizes in child processes of its own, which daemonic processes
         # may not have. Share the cores: two per device stay for the device worker and the parent.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        self.tokenizer_workers = max(2, (cores - 2 * len(devices)) // len(devices))
+        self.tokenizer_workers = max(2, (available_cores() - 2 * len(devices)) // len(devices))
         self.tasks = ctx.Queue(maxsize=2 * len(devices))
         self.results = ctx.Queue()
         self.procs = [
@@ -324,7 +323,7 @@ def default_workers_per_device(devices: Sequence[str], width: int | None, cores:
     if not devices or not all(d.startswith("cuda") for d in devices) or width is None or width > 512:
         return 1
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
     return 2 if cores >= 8 * len(set(devices)) else 1
 
 
@@ -343,7 +342,7 @@ def plan_workers(
     listed = resolve_devices(devices_arg) if devices_arg else None
     if per_device is None:
         width = model_width(model)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
         if width is None or width > 512 or cores < 8:
             per_device = 1
         else:
