@@ -10,6 +10,7 @@ messages; a worker that dies without a word is noticed by its exit code: the par
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -337,21 +338,17 @@ def plan_workers(
     """
     from ..backends.local import model_width, resolve_devices
 
-    if per_device is not None and per_device < 1:
-        raise BackendError(f"--workers-per-device must be at least 1, not {per_device}")
     listed = resolve_devices(devices_arg) if devices_arg else None
+
+    @functools.cache
+    def base() -> list[str]:  # the devices to repeat; may import torch to look for GPUs
+        return listed or ([device_arg] if device_arg else resolve_devices(None))
+
     if per_device is None:
-        width = model_width(model)
-        cores = available_cores()
-        if width is None or width > 512 or cores < 8:
-            per_device = 1
-        else:
-            base = listed or ([device_arg] if device_arg else resolve_devices(None))
-            per_device = default_workers_per_device(base, width, cores)
-            if per_device > 1:
-                listed = base
-    if per_device > 1:
-        listed = listed or ([device_arg] if device_arg else resolve_devices(None))
-    if listed is None:
-        return None
-    return expand_devices(listed, per_device)
+        width, cores = model_width(model), available_cores()
+        # only a small model on a machine with cores to spare can get more than one worker per GPU
+        worth_asking = width is not None and width <= 512 and cores >= 8
+        per_device = default_workers_per_device(base(), width, cores) if worth_asking else 1
+    if per_device == 1:
+        return listed
+    return expand_devices(base(), per_device)
