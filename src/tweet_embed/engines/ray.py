@@ -417,8 +417,8 @@ def actor_layout(gpus: float, ropts: RayOptions) -> tuple[int, float]:
 def _start_actors(
     ray: Any, ropts: RayOptions, key: str, factory: Callable[[], Backend]
 ) -> tuple[list[Any], BackendInfo]:
-    n, per = actor_layout(ray.cluster_resources().get("GPU", 0), ropts)
     gpus = ray.cluster_resources().get("GPU", 0)
+    n, per = actor_layout(gpus, ropts)
     if n < 1:
         raise ClusterError(f"the cluster has {gpus:g} GPUs: not enough for one actor with {per:g} GPU each")
     if not per:
