@@ -79,19 +79,18 @@ async def embed_texts(
         async with limiter:
             return await backend.embed(texts[lo:hi])
 
+    first_refusal: BatchRefused | None = None
     if len(batches) == 1:  # one call (a local model's whole chunk): its array as it is, not copied
-        n = len(texts)
         try:
-            return check_vectors(await call(0, n), n, info.dim), refused
+            return check_vectors(await call(0, len(texts)), len(texts), info.dim), refused
         except BatchRefused as exc:
-            if n == 1:
-                refused[0] = f"server refused the text: {exc}"
-                return np.zeros((1, info.dim), dtype=np.float32), refused
-            batches = [(0, n // 2), (n // 2, n)]  # split, as any refused batch below
+            first_refusal = exc  # handled below like any refusal, without sending the batch again
     out = np.zeros((len(texts), info.dim), dtype=np.float32)
 
-    async def run(lo: int, hi: int) -> None:
+    async def run(lo: int, hi: int, known: BatchRefused | None = None) -> None:
         try:
+            if known is not None:
+                raise known
             vecs = await call(lo, hi)
         except BatchRefused as exc:
             if hi - lo == 1:
@@ -102,7 +101,7 @@ async def embed_texts(
             return
         out[lo:hi] = vecs
 
-    tasks = [asyncio.ensure_future(run(lo, hi)) for lo, hi in batches]
+    tasks = [asyncio.ensure_future(run(lo, hi, first_refusal)) for lo, hi in batches]
     try:
         await asyncio.gather(*tasks)
     except BaseException:
@@ -114,6 +113,7 @@ async def embed_texts(
         # ``run`` refers to itself (the split), so it and its cells (``out``!) form a reference cycle that
         # only the cyclic GC frees, late: without this, peak RSS grew by a chunk of vectors per chunk.
         run = None  # type: ignore[assignment]
+        first_refusal = None  # its traceback holds this frame (and ``out``) in a cycle too
     return out, refused
 
 
