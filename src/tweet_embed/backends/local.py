@@ -848,6 +848,12 @@ class LocalBackend(Backend):
         else:
             path = Path(spec).expanduser() if Path(spec).expanduser().is_dir() else None
 
+        try:  # a "Loading weights" bar per process (and per device worker) is noise among our log lines
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # each loader names the missing extra
+            pass
         if spec.startswith("random:"):
             self._load_random(spec[len("random:") :], dtype)
         elif path is not None and (layout := _fast_layout(path)) is not None:
@@ -960,9 +966,6 @@ class LocalBackend(Backend):
             from transformers import AutoConfig, AutoModel
         except ImportError as e:
             raise BackendError(f"the local backend needs transformers: {INSTALL_HINT}") from e
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per worker is noise among our log lines
         self._pooling, max_seq = layout
         cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
         self._max_len = min(max_seq, int(getattr(cfg, "max_position_embeddings", max_seq) or max_seq))
