@@ -138,13 +138,13 @@ def test_worker_labels_and_expansion() -> None:
 
 def test_default_workers_per_device() -> None:
     # a small model on a GPU with cores to spare: two; otherwise one
-    assert default_workers_per_device(["cuda:0"], 384, cores=16) == 2
-    assert default_workers_per_device(["cuda:0", "cuda:1"], 384, cores=16) == 2
-    assert default_workers_per_device(["cuda:0", "cuda:1"], 384, cores=12) == 1
-    assert default_workers_per_device(["cuda:0"], 384, cores=4) == 1
-    assert default_workers_per_device(["cuda:0"], 1024, cores=64) == 1
-    assert default_workers_per_device(["cuda:0"], None, cores=64) == 1
-    assert default_workers_per_device(["cpu"], 384, cores=64) == 1
+    assert default_workers_per_device(lambda: ["cuda:0"], 384, cores=16) == 2
+    assert default_workers_per_device(lambda: ["cuda:0", "cuda:1"], 384, cores=16) == 2
+    assert default_workers_per_device(lambda: ["cuda:0", "cuda:1"], 384, cores=12) == 1
+    assert default_workers_per_device(lambda: ["cuda:0"], 384, cores=4) == 1
+    assert default_workers_per_device(lambda: ["cuda:0"], 1024, cores=64) == 1
+    assert default_workers_per_device(lambda: ["cuda:0"], None, cores=64) == 1
+    assert default_workers_per_device(lambda: ["cpu"], 384, cores=64) == 1
 
 
 def test_plan_workers(monkeypatch, tmp_path) -> None:

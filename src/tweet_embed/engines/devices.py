@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..backends import BackendSpec
@@ -310,7 +310,9 @@ def expand_devices(devices: Sequence[str], per_device: int) -> list[str]:
     return [d for d in devices for _ in range(per_device)]
 
 
-def default_workers_per_device(devices: Sequence[str], width: int | None, cores: int | None = None) -> int:
+def default_workers_per_device(
+    devices: Callable[[], Sequence[str]], width: int | None, cores: int | None = None
+) -> int:
     """Worker processes per GPU when ``--workers-per-device`` is not given.
 
     Two for a small model (hidden size up to 512, e.g. MiniLM) on CUDA with at least 8 cores per GPU, else one.
@@ -320,12 +322,18 @@ def default_workers_per_device(devices: Sequence[str], width: int | None, cores:
     each feed the GPU from their own GIL, and the GPU interleaves their batches. A large model keeps the
     GPU busy from one process, and a second would only add a context switch and a second set of
     activations.
+
+    ``devices`` is called only when the cheap tests leave the answer open: finding the GPUs may import torch.
     """
-    if not devices or not all(d.startswith("cuda") for d in devices) or width is None or width > 512:
+    if width is None or width > 512:
         return 1
-    if cores is None:
-        cores = available_cores()
-    return 2 if cores >= 8 * len(set(devices)) else 1
+    cores = available_cores() if cores is None else cores
+    if cores < 8:
+        return 1
+    listed = devices()
+    if not listed or not all(d.startswith("cuda") for d in listed):
+        return 1
+    return 2 if cores >= 8 * len(set(listed)) else 1
 
 
 def plan_workers(
@@ -334,7 +342,8 @@ def plan_workers(
     """The device of each worker process for ``--devices``/``--device``/``--workers-per-device``; None: run
     in this process (on ``--device`` or the default device).
 
-    The cheap tests come first, so a small machine or a large model never imports torch here to look for GPUs.
+    A small machine or a large model never imports torch here to look for GPUs (see
+    :func:`default_workers_per_device`).
     """
     from ..backends.local import model_width, resolve_devices
 
@@ -345,10 +354,7 @@ def plan_workers(
         return listed or ([device_arg] if device_arg else resolve_devices(None))
 
     if per_device is None:
-        width, cores = model_width(model), available_cores()
-        # only a small model on a machine with cores to spare can get more than one worker per GPU
-        worth_asking = width is not None and width <= 512 and cores >= 8
-        per_device = default_workers_per_device(base(), width, cores) if worth_asking else 1
+        per_device = default_workers_per_device(base, model_width(model))
     if per_device == 1:
         return listed
     return expand_devices(base(), per_device)
