@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,12 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def sample_slice(tmp_path: Path, lines: int) -> Path:
+    """The first ``lines`` lines of the bundled sample, as a file of their own (for runs of the real model)."""
+    with open(os.path.join(ROOT, "sample", "tweets.jsonl"), "rb") as fh:
+        head = fh.readlines()[:lines]
+    p = tmp_path / "slice.jsonl"
+    p.write_bytes(b"".join(head))
+    return p

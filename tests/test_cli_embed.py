@@ -18,7 +18,7 @@ import pytest
 from tweet_embed.synth import synth_tweets, write_jsonl
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import ROOT, alive, descendants, read_shards, run_cli
+from conftest import ROOT, alive, descendants, read_shards, run_cli, sample_slice
 
 DIM = 16
 
@@ -231,10 +231,7 @@ def test_rejected_inputs_are_reported_with_line_numbers(tmp_path, server) -> Non
 
 def test_no_server_means_embedded_model(tmp_path) -> None:
     """The embedded default: all-MiniLM-L6-v2 in-process, offline, on a slice of the bundled sample."""
-    src = os.path.join(ROOT, "sample", "tweets.jsonl")
-    p = tmp_path / "slice.jsonl"
-    with open(src, "rb") as fh:
-        p.write_bytes(b"".join(fh.readlines()[:120]))
+    p = sample_slice(tmp_path, 120)
     r = run_cli("embed", str(p), "--work-dir", str(tmp_path / "w"), "--chunk-size", "50")
     assert r.returncode == 0, r.stderr
     ids, vecs = read_output(str(tmp_path / "w" / "shards"))
@@ -247,10 +244,7 @@ def test_no_server_means_embedded_model(tmp_path) -> None:
 def test_two_workers_per_device_match_one_process(tmp_path) -> None:
     """``--workers-per-device 2`` (here on the CPU): two worker processes with the real model write the
     same rows and vectors as one process, and a resume after it sends nothing."""
-    src = os.path.join(ROOT, "sample", "tweets.jsonl")
-    p = tmp_path / "slice.jsonl"
-    with open(src, "rb") as fh:
-        p.write_bytes(b"".join(fh.readlines()[:200]))
+    p = sample_slice(tmp_path, 200)
     one = run_cli("embed", str(p), "--work-dir", str(tmp_path / "one"), "--chunk-size", "40")
     assert one.returncode == 0, one.stderr
     args = ["embed", str(p), "--work-dir", str(tmp_path / "two"), "--chunk-size", "40"]
@@ -274,10 +268,7 @@ def test_workers_per_device_is_for_the_local_model(tmp_path, server) -> None:
 
 def test_dtype_bf16_on_cpu_and_fp16_refused(tmp_path) -> None:
     """``--dtype``: bf16 runs on the CPU (recorded in the shards), close to fp32; fp16 there is a clear error."""
-    src = os.path.join(ROOT, "sample", "tweets.jsonl")
-    p = tmp_path / "slice.jsonl"
-    with open(src, "rb") as fh:
-        p.write_bytes(b"".join(fh.readlines()[:60]))
+    p = sample_slice(tmp_path, 60)
     r32 = run_cli("embed", str(p), "--work-dir", str(tmp_path / "fp32"))
     r16 = run_cli("embed", str(p), "--work-dir", str(tmp_path / "bf16"), "--dtype", "bf16")
     assert r32.returncode == 0 and r16.returncode == 0, r16.stderr

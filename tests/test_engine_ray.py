@@ -32,7 +32,7 @@ from tweet_embed.runner import EmbedOptions, run_embed
 from tweet_embed.synth import synth_tweets
 from tweet_embed.testserver import TEIServer, expected_vectors
 
-from conftest import ROOT, moto_s3, read_shards
+from conftest import ROOT, moto_s3, read_shards, sample_slice
 
 ray = pytest.importorskip("ray")
 DIM = 16
@@ -247,10 +247,7 @@ def test_object_store_input_shards_and_markers(tmp_path, ray_local, s3, server) 
 def test_in_process_model_runs_in_actors(tmp_path, ray_local) -> None:
     """The local backend path (one-GPU actors) with a CPU actor: the real model, 3 chunks."""
     pytest.importorskip("torch")
-    src = os.path.join(ROOT, "sample", "tweets.jsonl")
-    p = tmp_path / "slice.jsonl"
-    with open(src, "rb") as fh:
-        p.write_bytes(b"".join(fh.readlines()[:120]))
+    p = sample_slice(tmp_path, 120)
     spec = BackendSpec(device="cpu")
     ropts = RayOptions(actors=1, gpus_per_actor=0, cpus_per_actor=1)
     s = run_embed(options([str(p)], str(tmp_path / "ray"), ropts, chunk_lines=50), spec)
