@@ -9,10 +9,10 @@ import os
 import sys
 
 try:
-    from tweet_embed.cli_consolidate import main
+    from tweet_embed.cli import consolidate_main as main
 except ImportError:  # a clone that was not pip-installed: use the source tree
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
-    from tweet_embed.cli_consolidate import main
+    from tweet_embed.cli import consolidate_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 A fast server (``bench/fast_server.py`` in its own process: the test server's answer bodies cached and sent
 from a bare asyncio protocol, so the server is never the limit and takes little of the shared cores;
-``--server testserver`` uses ``tweet_embed.testserver``'s fast mode instead) answers every request. On the same generated input
+``--server testserver`` uses ``tweet_embed.testing.server``'s fast mode instead) answers every request. On the same generated input
 (``--lines``, default 200k tweet-like JSONL lines) and in one run, at 384 and 1,024 dimensions:
 
 1. ``naive``: ``bench/naive_client.py`` (aiohttp, ``await resp.json()``, batches of 32, 8 requests in
@@ -11,7 +11,7 @@ from a bare asyncio protocol, so the server is never the limit and takes little 
 2. ``embed_json``: ``tweet-embed embed --tei-urls`` (TEI ``/embed``, JSON floats);
    ``embed_base64``: ``tweet-embed embed --openai-urls`` (``/v1/embeddings``, ``encoding_format: base64``);
 3. ``limit_json`` / ``limit_base64``: the decode-and-write limit: the same answer bodies decoded and the
-   shards written (the same code: ``tweet_embed.decode`` and ``worker.commit_chunk``'s Parquet write,
+   shards written (the same code: ``tweet_embed.backends.decode`` and ``worker.commit_chunk``'s Parquet write,
    sha256 and fsync) in a tight loop, in one process pinned to one core.
 
 Then: peak RSS of ``embed`` over ``--rss-lines`` (default 2M) lines against the 200k-line run, and the time
@@ -146,9 +146,9 @@ def limit_worker(args: argparse.Namespace) -> None:
     """(Child process, pinned to one core.) Decode ``--body`` ``lines/32`` times and write the shards."""
     import numpy as np
 
-    from tweet_embed.chunks import Chunk, WorkDirs
-    from tweet_embed.decode import DECODERS
-    from tweet_embed.worker import ChunkResult, commit_chunk
+    from tweet_embed.backends.decode import DECODERS
+    from tweet_embed.embed.chunks import Chunk, WorkDirs
+    from tweet_embed.embed.worker import ChunkResult, commit_chunk
 
     os.sched_setaffinity(0, {args.cpu})
     with open(args.body, "rb") as fh:
@@ -205,7 +205,7 @@ def main() -> int:
         choices=("fast", "testserver"),
         default="fast",
         help="fast: bench/fast_server.py (cached bodies, ~30 µs per request); testserver: "
-        "tweet_embed.testserver's fast mode (aiohttp, validates like TEI, ~180 µs per request)",
+        "tweet_embed.testing.server's fast mode (aiohttp, validates like TEI, ~180 µs per request)",
     )
     p.add_argument("--quick", action="store_true", help="20k lines, no RSS run, 100-chunk resume")
     p.add_argument("--out", default=os.path.join(RESULTS, "client_ceiling.json"))
@@ -224,8 +224,8 @@ def main() -> int:
     global CLIENT_CPUS
     CLIENT_CPUS = cpu_list(args.client_cpus)
 
-    from tweet_embed import decode
-    from tweet_embed.synth import write_jsonl
+    from tweet_embed.backends import decode
+    from tweet_embed.testing.synth import write_jsonl
 
     dims = [int(d) for d in args.dims.split(",")]
     tmp = tempfile.mkdtemp(prefix="client_ceiling.", dir="/tmp")
@@ -348,7 +348,7 @@ def _server(args: argparse.Namespace, dim: int) -> Any:
         from fast_server import FastServer
 
         return FastServer.spawn(dim, cpus=cpu_list(args.server_cpus), batch=BATCH)
-    from tweet_embed.testserver import TEIServer
+    from tweet_embed.testing.server import TEIServer
 
     return TEIServer.spawn_process(
         cpus=cpu_list(args.server_cpus), dim=dim, precomputed=True, max_client_batch_size=BATCH
@@ -370,7 +370,7 @@ def _ratios(res: dict[str, Any]) -> None:
 def _extra_runs(
     args: argparse.Namespace, record: dict[str, Any], inp: str, tmp: str, dims: list[int]
 ) -> None:
-    from tweet_embed.synth import write_jsonl
+    from tweet_embed.testing.synth import write_jsonl
 
     dim = dims[0]
     with _server(args, dim) as srv:

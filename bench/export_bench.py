@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from tweet_embed.export.bigquery import batch_to_lines
 from tweet_embed.export.jsonl_writer import ResumableJsonlWriter
-from tweet_embed.parquet_input import parquet_chunks, read_parquet_chunk
+from tweet_embed.input.parquet import parquet_chunks, read_parquet_chunk
 
 N = 1_000_000
 ids = list(range(10**15, 10**15 + N))

@@ -1,13 +1,13 @@
 """A lean stand-in for an embedding server, for client benchmarks: answers are cached bodies, sent at once.
 
-Why not ``tweet_embed.testserver``'s fast mode: that one still runs aiohttp's server and validates every
+Why not ``tweet_embed.testing.server``'s fast mode: that one still runs aiohttp's server and validates every
 request the way TEI does, ~180 µs of CPU per request, which on a 2-core machine is CPU taken from the client
 being measured. This one parses the request body once (to count the inputs) and writes a body rendered by
 the test server at start-up (the same bytes the test server sends: TEI ``/embed`` JSON floats and
 OpenAI ``/v1/embeddings`` base64), over keep-alive HTTP/1.1 parsed by httptools. It serves ``GET /info``
 (TEI's document, so clients learn batch size and concurrency the same way) and ``GET /v1/models``;
 the test server's counters route reports requests served. No faults, no validation: a benchmark fixture
-only. The child process is run by the test server's own :class:`~tweet_embed.testserver.ServerProcess`.
+only. The child process is run by the test server's own :class:`~tweet_embed.testing.server.ServerProcess`.
 
     with FastServer.spawn(dim=1024, cpus={1}) as srv:
         srv.embed_url, srv.openai_url, srv.counters["requests"]
@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
-from tweet_embed.testserver import CONTROL_PREFIX, ServerProcess, TEIServer  # noqa: E402
+from tweet_embed.testing.server import CONTROL_PREFIX, ServerProcess, TEIServer  # noqa: E402
 
 COUNTERS_PATH = (CONTROL_PREFIX + "/counters").encode()
 

@@ -51,7 +51,7 @@ from tweet_embed.backends.local import (  # noqa: E402
     pad_length,
     pad_rows,
 )
-from tweet_embed.synth import synth_tweets  # noqa: E402
+from tweet_embed.testing.synth import synth_tweets  # noqa: E402
 
 RESULTS: dict[str, Any] = {}
 
@@ -258,8 +258,8 @@ class NullBackend(Backend):
 
 
 def bench_null(path: Path, work: Path, n: int, chunk: int) -> float:
-    from tweet_embed.chunks import WorkDirs
-    from tweet_embed.runner import EmbedOptions, run_embed
+    from tweet_embed.embed.chunks import WorkDirs
+    from tweet_embed.embed.runner import EmbedOptions, run_embed
 
     shutil.rmtree(work, ignore_errors=True)
     opts = EmbedOptions(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """``--engine ray`` against the local engine on the same input: docs/s, and the overhead per chunk.
 
-A fast test server (``tweet_embed.testserver`` in its own process, ``precomputed=True``: cached answer bodies,
+A fast test server (``tweet_embed.testing.server`` in its own process, ``precomputed=True``: cached answer bodies,
 so the server is never the limit) answers TEI ``/embed`` requests at 384 dimensions. The same generated input
 (``--lines`` tweet-like JSONL lines) is embedded by:
 
@@ -47,11 +47,11 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 RESULTS = os.path.join(HERE, "results")
 
 from tweet_embed.backends import BackendSpec  # noqa: E402
-from tweet_embed.chunks import WorkDirs  # noqa: E402
-from tweet_embed.engines.ray import RayOptions  # noqa: E402
-from tweet_embed.runner import EmbedOptions, run_embed  # noqa: E402
-from tweet_embed.synth import write_jsonl  # noqa: E402
-from tweet_embed.testserver import TEIServer  # noqa: E402
+from tweet_embed.embed.chunks import WorkDirs  # noqa: E402
+from tweet_embed.embed.engines.ray import RayOptions  # noqa: E402
+from tweet_embed.embed.runner import EmbedOptions, run_embed  # noqa: E402
+from tweet_embed.testing.server import TEIServer  # noqa: E402
+from tweet_embed.testing.synth import write_jsonl  # noqa: E402
 
 
 def one_run(
@@ -119,7 +119,7 @@ def main() -> int:
         "input": {
             "lines": args.lines,
             "dim": args.dim,
-            "server": "tweet_embed.testserver precomputed, own process",
+            "server": "tweet_embed.testing.server precomputed, own process",
             "max_client_batch_size": 32,
             "local_decode_workers": cores,
         },

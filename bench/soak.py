@@ -46,8 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from tweet_embed.parquet import file_sha256  # noqa: E402
-from tweet_embed.synth import synth_tweets  # noqa: E402
-from tweet_embed.testserver import TEIServer  # noqa: E402
+from tweet_embed.testing.server import TEIServer  # noqa: E402
+from tweet_embed.testing.synth import synth_tweets  # noqa: E402
 
 BAD_LINES = [
     b'{"_id": "broken", "text": ',
@@ -120,7 +120,7 @@ def parse_retries(stderr: str) -> Counter[str]:
 
 def check_output(work: str, ids: list[str], texts: list[str], bad: list[int], dim: int) -> dict[str, object]:
     """Exactly once, in order, bit-exact vectors; rejects at their lines; markers match shards."""
-    from tweet_embed.testserver import expected_vectors
+    from tweet_embed.testing.server import expected_vectors
 
     shards = sorted(glob.glob(os.path.join(work, "shards", "part-*.parquet")))
     got_ids: list[str] = []

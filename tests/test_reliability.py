@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tweet_embed.parquet import file_sha256
-from tweet_embed.synth import synth_tweets
-from tweet_embed.testserver import TEIServer, expected_vectors
+from tweet_embed.testing.server import TEIServer, expected_vectors
+from tweet_embed.testing.synth import synth_tweets
 
 from conftest import ROOT, alive, descendants, read_shards, run_cli
 

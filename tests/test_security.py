@@ -22,8 +22,8 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from tweet_embed.synth import write_jsonl
-from tweet_embed.testserver import TEIServer, expected_vectors
+from tweet_embed.testing.server import TEIServer, expected_vectors
+from tweet_embed.testing.synth import write_jsonl
 
 from conftest import ROOT, run_cli
 

@@ -15,11 +15,11 @@ import zstandard
 
 from tweet_embed import storage
 from tweet_embed.backends import Backend, make_backend
-from tweet_embed.chunks import WorkDirs, done_markers, make_plan
-from tweet_embed.records import InputError, check_input_path, read_range
-from tweet_embed.runner import EmbedOptions, run_embed
-from tweet_embed.status import run_status
-from tweet_embed.testserver import TEIServer, expected_vectors
+from tweet_embed.embed.chunks import WorkDirs, done_markers, make_plan
+from tweet_embed.embed.runner import EmbedOptions, run_embed
+from tweet_embed.embed.status import run_status
+from tweet_embed.input.records import InputError, check_input_path, read_range
+from tweet_embed.testing.server import TEIServer, expected_vectors
 
 from conftest import moto_s3
 

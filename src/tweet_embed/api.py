@@ -1,6 +1,6 @@
 """The library entry point for code that already holds its records: an iterable of ``(id, text)`` in,
 ``(id, vector)`` out, in order, memory bounded by one window of ``window`` records (as ``llm``'s
-``embed_multi``). For files and resumable runs use :func:`tweet_embed.runner.run_embed`.
+``embed_multi``). For files and resumable runs use :func:`tweet_embed.embed.runner.run_embed`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from itertools import islice
 
 import numpy as np
 
-from .backends import make_backend
-from .backends.base import Backend
-from .records import clean_text
+from tweet_embed.backends import make_backend
+from tweet_embed.backends.base import Backend
+from tweet_embed.input.records import clean_text
 
 
 def embed_multi(
@@ -25,7 +25,7 @@ def embed_multi(
     window: int = 10_000,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(id, float32 vector)`` for each record; a text the server refuses raises ``BatchRefused``."""
-    from .worker import embed_texts
+    from tweet_embed.embed.worker import embed_texts
 
     backend = backend or make_backend(urls, model)
     loop = asyncio.new_event_loop()
@@ -37,7 +37,7 @@ def embed_multi(
             texts = [clean_text(r[1]) for r in block]
             vectors, refused = loop.run_until_complete(embed_texts(backend, texts, info))
             if refused:
-                from .backends.pool import BatchRefused
+                from tweet_embed.backends.pool import BatchRefused
 
                 i, reason = next(iter(refused.items()))
                 raise BatchRefused(f"record {ids[i]!r}: {reason}")

@@ -192,7 +192,7 @@ def open_input(path: str) -> BinaryIO:
     raw = fs.open_input_stream(inner, compression=None, buffer_size=8 << 20)
     if lower.endswith(".gz"):
         return _GzipOwner(raw)  # type: ignore[return-value]
-    from .records import zstd_reader  # strict: a truncated .zst raises, as a truncated .gz does
+    from tweet_embed.zstd import zstd_reader  # strict: a truncated .zst raises, as a truncated .gz does
 
     return zstd_reader(raw)
 
@@ -240,7 +240,7 @@ def makedirs(path: str) -> None:
 def write_bytes(path: str, data: bytes) -> None:
     """Write a small file so that readers see it absent or complete (local: tmp + fsync + rename)."""
     if not is_uri(path):
-        from .parquet import write_atomic
+        from tweet_embed.parquet import write_atomic
 
         write_atomic(local_path(path), data)
         return
@@ -256,7 +256,7 @@ def upload_file(src: str, dest: str) -> None:
     filesystems). Object stores: a streamed upload straight to the final key (visible only when complete).
     """
     if not is_uri(dest):
-        from .parquet import publish
+        from tweet_embed.parquet import publish
 
         publish(src, local_path(dest))
         return
@@ -288,7 +288,7 @@ def delete(path: str) -> bool:
 
 def sync_dir(directory: str) -> None:
     if not is_uri(directory):
-        from .parquet import fsync_dir
+        from tweet_embed.parquet import fsync_dir
 
         fsync_dir(local_path(directory))
 

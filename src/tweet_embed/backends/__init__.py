@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
-from .base import Backend, BackendError, BackendInfo
+from tweet_embed.backends.base import Backend, BackendError, BackendInfo
 
 __all__ = [
     "Backend",
@@ -93,14 +93,14 @@ def make_backend(
         workers=workers,
     )
     if oai:
-        from .openai import OpenAIBackend
+        from tweet_embed.backends.openai import OpenAIBackend
 
         return OpenAIBackend(oai, **http_kw)  # type: ignore[arg-type]
     if tei:
-        from .tei import TEIBackend
+        from tweet_embed.backends.tei import TEIBackend
 
         return TEIBackend(tei, **http_kw)  # type: ignore[arg-type]
-    from .local import LocalBackend
+    from tweet_embed.backends.local import LocalBackend
 
     return LocalBackend(
         model or DEFAULT_LOCAL_MODEL, device=device, normalize=normalize, batch_size=batch_size, dtype=dtype
@@ -128,7 +128,7 @@ class BackendSpec:
     dtype: str | None = None  # local model: fp16 / bf16 / fp32 (None: fp16 on GPUs, fp32 on CPUs)
 
     def __repr__(self) -> str:  # URLs redacted, no key: safe in log lines, tracebacks and Ray task errors
-        from .pool import redact_url
+        from tweet_embed.backends.pool import redact_url
 
         urls = [redact_url(u) for u in split_urls(self.urls) + split_urls(self.openai_urls)]
         return f"BackendSpec(urls={urls}, model={self.model!r}, device={self.device!r})"

@@ -3,8 +3,8 @@
 Requests go through :class:`tweet_embed.backends.h1.H1Client` (keep-alive HTTP/1.1 on asyncio, a third of
 aiohttp's per-request CPU on these large answers).
 
-Response bodies are decoded and validated by :mod:`tweet_embed.decode`'s
-:class:`~tweet_embed.decode.DecodePool`: large JSON-float bodies in ``workers`` processes when there are
+Response bodies are decoded and validated by :mod:`tweet_embed.backends.decode`'s
+:class:`~tweet_embed.backends.decode.DecodePool`: large JSON-float bodies in ``workers`` processes when there are
 spare cores, the rest (base64, small bodies, or all on 2 cores) on the event loop, cheaper than any hand-over. The API key goes out as ``Authorization: Bearer`` on
 every request (TEI's ``--api-key`` and OpenAI-compatible servers) and is never logged or shown in ``repr``.
 """
@@ -22,10 +22,18 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ..decode import DecodePool, decode_embed_json
-from .base import Backend, BackendError, BackendInfo
-from .h1 import H1Client, HTTPError
-from .pool import BatchRefused, Endpoint, EndpointPool, FatalError, RetryableError, RetryPolicy, redact_url
+from tweet_embed.backends.base import Backend, BackendError, BackendInfo
+from tweet_embed.backends.decode import DecodePool, decode_embed_json
+from tweet_embed.backends.h1 import H1Client, HTTPError
+from tweet_embed.backends.pool import (
+    BatchRefused,
+    Endpoint,
+    EndpointPool,
+    FatalError,
+    RetryableError,
+    RetryPolicy,
+    redact_url,
+)
 
 log = logging.getLogger("tweet_embed")
 
@@ -150,11 +158,11 @@ class HTTPBackend(Backend):
                 self._decoder_started = True
 
     async def decode(self, kind: str, body: bytes, n: int, dim: int | None) -> np.ndarray:
-        """Decode one answer off the loop (see :mod:`tweet_embed.decode`)."""
+        """Decode one answer off the loop (see :mod:`tweet_embed.backends.decode`)."""
         if not self._decoder_started:
             await self._start_decoder()
         if self.decode_executor is not None:
-            from ..decode import DECODERS
+            from tweet_embed.backends.decode import DECODERS
 
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.decode_executor, DECODERS[kind], body, n, dim)
@@ -211,7 +219,7 @@ class HTTPBackend(Backend):
         kind: str,
     ) -> np.ndarray:
         """One batch through the pool: send, decode off the loop (``kind`` names the decoder in
-        :data:`tweet_embed.decode.DECODERS`), validate, retry bad answers elsewhere."""
+        :data:`tweet_embed.backends.decode.DECODERS`), validate, retry bad answers elsewhere."""
         n = len(texts)
         dim = self.info_.dim if self.info_ else None
 

@@ -582,7 +582,7 @@ def load_tokenizer(path: str, max_len: int) -> Any:
 def _tok_init(path: str, max_len: int) -> None:
     """Tokenizer worker process set-up: one single-threaded tokenizer (the processes are the parallelism);
     Ctrl-C is the parent's to handle, and the process ends with its parent (even after ``kill -9``)."""
-    from ..procs import exit_with_parent, leave_ctrl_c_to_parent
+    from tweet_embed.procs import exit_with_parent, leave_ctrl_c_to_parent
 
     leave_ctrl_c_to_parent()
     exit_with_parent()
@@ -604,7 +604,7 @@ def default_tokenizer_workers(cuda: bool) -> int:
         return max(0, int(env))
     if not cuda:
         return 0
-    from ..procs import available_cores
+    from tweet_embed.procs import available_cores
 
     return max(2, min(12, available_cores() - 4))
 
@@ -833,7 +833,7 @@ class LocalBackend(Backend):
             # thread spins on the cores the tokenizer processes and the run loop need
             torch.set_num_threads(max(1, int(self.threads or 1)))
         else:
-            from ..procs import available_cores
+            from tweet_embed.procs import available_cores
 
             torch.set_num_threads(max(1, int(self.threads or available_cores())))
         dtype = self._resolve_dtype(torch)

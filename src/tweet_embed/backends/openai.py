@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
-from ..decode import decode_openai_base64 as decode_base64  # noqa: F401 - earlier names
-from ..decode import decode_openai_floats as decode_floats  # noqa: F401
-from .base import BackendError, BackendInfo
-from .http import HTTPBackend, choose_batch
-from .pool import BatchRefused, Endpoint
+from tweet_embed.backends.base import BackendError, BackendInfo
+from tweet_embed.backends.decode import decode_openai_base64 as decode_base64  # noqa: F401 - earlier names
+from tweet_embed.backends.decode import decode_openai_floats as decode_floats  # noqa: F401
+from tweet_embed.backends.http import HTTPBackend, choose_batch
+from tweet_embed.backends.pool import BatchRefused, Endpoint
 
 log = logging.getLogger("tweet_embed")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from .base import BackendError
+from tweet_embed.backends.base import BackendError
 
 log = logging.getLogger("tweet_embed")
 T = TypeVar("T")

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
-from .base import BackendError, BackendInfo
-from .http import HTTPBackend, choose_batch
-from .pool import Endpoint, redact_url
+from tweet_embed.backends.base import BackendError, BackendInfo
+from tweet_embed.backends.http import HTTPBackend, choose_batch
+from tweet_embed.backends.pool import Endpoint, redact_url
 
 log = logging.getLogger("tweet_embed")
 

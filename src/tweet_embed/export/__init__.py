@@ -7,6 +7,6 @@ continues where the last commit left off. Database clients are optional extras a
 
 from __future__ import annotations
 
-from .jsonl_writer import ExportError, ExportResult, ResumableJsonlWriter
+from tweet_embed.export.jsonl_writer import ExportError, ExportResult, ResumableJsonlWriter
 
 __all__ = ["ExportError", "ExportResult", "ResumableJsonlWriter"]

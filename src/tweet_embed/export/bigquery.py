@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .jsonl_writer import (
+from tweet_embed.export.jsonl_writer import (
     SKIP_INVALID_ID,
     SKIP_TEXT_EMPTY,
     SKIP_TEXT_MISSING,
@@ -411,8 +411,8 @@ def _pump(
     """Read the unfinished streams in threads and write their batches; commit as the writer asks."""
     from google.api_core import exceptions as gexc
 
-    from ..progress import Progress
-    from .mongo import _NoProgress
+    from tweet_embed.export.mongo import _NoProgress
+    from tweet_embed.progress import Progress
 
     names: list[str] = writer.position["streams"]
     offsets: list[int] = list(writer.position["offsets"])

@@ -29,8 +29,8 @@ from typing import Any, BinaryIO, Protocol
 
 import orjson
 
-from ..parquet import fsync_dir, publish, write_atomic
-from ..records import clean_text
+from tweet_embed.input.records import clean_text
+from tweet_embed.parquet import fsync_dir, publish, write_atomic
 
 STATE_VERSION = 1
 

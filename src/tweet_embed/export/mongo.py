@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .jsonl_writer import (
+from tweet_embed.export.jsonl_writer import (
     SKIP_INVALID_ID,
     SKIP_TEXT_EMPTY,
     SKIP_TEXT_MISSING,
@@ -224,7 +224,7 @@ def export_mongo(
     from pymongo import ASCENDING, MongoClient
     from pymongo.errors import PyMongoError
 
-    from ..progress import Progress
+    from tweet_embed.progress import Progress
 
     if batch_size < 1:
         raise ExportError("--batch-size must be at least 1")

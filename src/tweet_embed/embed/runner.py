@@ -1,0 +1,204 @@
+"""The run loop (local engine): plan → skip finished chunks → read, embed, write in a pipeline → summary.
+
+Reading/parsing runs in a thread one chunk ahead, several chunks are embedded at once so the servers never
+idle while a shard is written, and writing runs in threads (pyarrow releases the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+
+from tweet_embed import storage
+from tweet_embed._version import __version__
+from tweet_embed.backends import BackendSpec
+from tweet_embed.backends.base import Backend
+from tweet_embed.embed.chunks import (
+    REJECTS_DIR,
+    Chunk,
+    Marker,
+    Plan,
+    PlanError,
+    WorkDirs,
+    WorkLock,
+    check_manifest,
+    done_markers,
+    finished_chunks,
+    iter_chunk_bytes,
+    load_or_create_plan,
+    manifest_key,
+)
+from tweet_embed.embed.options import EmbedOptions, Summary, output_options
+from tweet_embed.embed.worker import ChunkResult, commit_chunk, embed_block, read_parquet_block, run_pipeline
+from tweet_embed.input.records import InputError, ParsedBlock, parse_lines
+from tweet_embed.progress import Progress
+
+log = logging.getLogger("tweet_embed")
+WRITE_QUEUE = 3  # finished chunks being written at once (writer threads)
+
+
+def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterator[tuple[Chunk, ParsedBlock]]:
+    """Parsed chunks in plan order: JSONL files read sequentially once, Parquet chunks by row range."""
+    runs: list[tuple[str, list[Chunk]]] = []
+    for c in pending:
+        kind = plan.files[c.file_index].kind
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(c)
+        else:
+            runs.append((kind, [c]))
+    for kind, chunks in runs:
+        if kind == "parquet":
+            for c in chunks:
+                yield c, read_parquet_block(plan.files[c.file_index], c, opts.id_field, opts.text_field)
+            continue
+        for chunk, data in iter_chunk_bytes(plan, chunks):
+            f = plan.files[chunk.file_index]
+            yield chunk, parse_lines(data, chunk.first_line, f.label, opts.id_field, opts.text_field)
+
+
+def check_columns(plan: Plan, opts: EmbedOptions) -> None:
+    """Parquet input: fail at once, naming the columns present, when the id or text column is missing."""
+    from tweet_embed.input.parquet import check_parquet_columns
+
+    for f in plan.files:
+        if f.kind == "parquet":
+            check_parquet_columns(f.path, opts.id_field, opts.text_field)
+
+
+def merge_rejects(dirs: WorkDirs, plan: Plan) -> str | None:
+    """Rebuild ``rejects.jsonl`` from the per-chunk files, in input order (identical after any resume)."""
+    present = set(storage.list_names(os.path.join(dirs.progress, REJECTS_DIR)))
+    paths = [dirs.rejects_path(c) for c in plan.chunks if c.name + ".jsonl" in present]
+    parts = [b for b in storage.parallel_map(storage.read_bytes, paths, storage.is_uri(dirs.progress)) if b]
+    target = dirs.merged_rejects_path
+    if not parts:
+        storage.delete(target)
+        return None
+    storage.write_bytes(target, b"".join(parts))
+    return target
+
+
+async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend] | BackendSpec) -> Summary:
+    """Plan, skip finished chunks, embed the rest. ``make_backend`` is a factory or a picklable spec
+    (a spec is needed for several devices, whose worker processes build their own backends)."""
+    dirs = opts.dirs
+    t0 = time.monotonic()
+    summary = Summary(shards_dir=dirs.shards)
+    dirs.create()
+    with WorkLock(dirs.progress):
+        if opts.restart:
+            dirs.reset()
+        cleaned = dirs.clean_tmp()
+        if cleaned:
+            log.info("removed %d leftover staging files of an earlier run", cleaned)
+        plan, reused = await asyncio.to_thread(load_or_create_plan, dirs, opts.inputs, opts.chunk_lines)
+        markers = done_markers(dirs)
+        done = finished_chunks(dirs, plan, markers)
+        pending = [c for c in plan.chunks if c.name not in done]
+        if pending:
+            check_columns(plan, opts)  # before a model loads for minutes
+        if opts.max_chunks is not None:
+            pending = pending[: opts.max_chunks]
+        summary.chunks_total = len(plan.chunks)
+        summary.chunks_skipped = len(done)
+        damaged = [f.damaged for f in plan.files if f.damaged]
+        if reused and done:
+            log.info("resuming: %d of %d chunks already done", len(done), len(plan.chunks))
+        if pending and opts.ray is not None:
+            from tweet_embed.embed.engines.ray import run_on_ray
+
+            await run_on_ray(opts, make_backend, plan, pending, summary)
+        elif pending and opts.devices and len(opts.devices) > 1:
+            spec = make_backend
+            if not isinstance(spec, BackendSpec):
+                raise TypeError("several devices need a BackendSpec, not a backend factory")
+            from tweet_embed.embed.engines.devices import run_on_devices
+
+            job = {
+                "id_field": opts.id_field,
+                "text_field": opts.text_field,
+                "dedupe_texts": opts.dedupe_texts,
+            }
+            out: dict[str, object] = {"id_field": opts.id_field, "text_field": opts.text_field}
+            await asyncio.to_thread(
+                run_on_devices,
+                opts.devices,
+                spec,
+                plan,
+                pending,
+                dirs,
+                job,
+                out,
+                __version__,
+                summary,
+                opts.log_interval,
+            )
+        elif pending:
+            factory = make_backend.build if isinstance(make_backend, BackendSpec) else make_backend
+            await _run_pending(opts, plan, pending, factory, summary)
+        else:
+            log.info("all %d chunks are already done; nothing to send", len(plan.chunks))
+        for m in done_markers(dirs).values():
+            summary.rejected += m.rejects
+        summary.rejects_file = merge_rejects(dirs, plan)
+        summary.elapsed = time.monotonic() - t0
+        if damaged:
+            summary.errors.extend(damaged)
+    return summary
+
+
+async def _run_pending(
+    opts: EmbedOptions,
+    plan: Plan,
+    pending: list[Chunk],
+    make_backend: Callable[[], Backend],
+    summary: Summary,
+) -> None:
+    dirs = opts.dirs
+    backend = make_backend()
+    try:
+        info = await backend.start()
+        summary.model, summary.dim = info.model, info.dim
+        key = manifest_key(plan, info.model, info.dim, output_options(opts, info))
+        check_manifest(dirs, key)
+        metadata = {**info.metadata(), "version": __version__}
+        limiter = asyncio.Semaphore(max(1, info.max_in_flight))
+        gen = parse_chunks(plan, pending, opts)
+
+        async def embed(chunk: Chunk, block: ParsedBlock) -> ChunkResult:
+            label = plan.files[chunk.file_index].label
+            return await embed_block(
+                backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter, file_label=label
+            )
+
+        def done(chunk: Chunk, marker: Marker) -> None:
+            summary.rows += marker.rows
+            summary.embedded_texts += marker.embedded_texts
+            summary.chunks_done_now += 1
+            progress.add(marker.rows, chunk.n_lines)
+
+        with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
+            await run_pipeline(
+                lambda: next(gen, None),
+                embed,
+                lambda chunk, result: commit_chunk(dirs, chunk, result, metadata),
+                done,
+                chunks_in_flight=opts.chunks_in_flight,
+                writes_in_flight=WRITE_QUEUE,
+            )
+        summary.stats = backend.stats()
+    finally:
+        with contextlib.suppress(Exception):
+            await backend.close()
+
+
+def run_embed(opts: EmbedOptions, make_backend: Callable[[], Backend] | BackendSpec) -> Summary:
+    """Run (or resume) an embed job to completion; raises PlanError / InputError / BackendError."""
+    return asyncio.run(run_embed_async(opts, make_backend))
+
+
+__all__ = ["EmbedOptions", "Summary", "run_embed", "run_embed_async", "PlanError", "InputError"]

@@ -1,0 +1,316 @@
+"""One chunk end to end: its parsed rows → batches → backend → vectors → shard → rejects → marker.
+
+Shared by the local engine (``runner.py``) and the Ray engine, so both produce identical output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from tweet_embed import storage
+from tweet_embed.backends.base import Backend, BackendInfo, check_vectors
+from tweet_embed.backends.pool import BatchRefused
+from tweet_embed.embed.chunks import Chunk, InputFile, Marker, WorkDirs, write_marker
+from tweet_embed.input.records import SNIPPET_CHARS, ParsedBlock, Reject, parse_lines, read_range
+from tweet_embed.parquet import file_sha256, make_table, write_table
+
+MAX_BATCH_CHARS = 400_000  # keeps request bodies well under TEI's 2 MB payload limit
+
+
+@dataclass
+class ChunkResult:
+    ids: list[str]
+    vectors: np.ndarray
+    rejects: list[Reject]
+    embedded_texts: int  # texts actually sent (fewer than rows with --dedupe-texts)
+
+
+def make_batches(
+    texts: Sequence[str], max_batch: int, max_chars: int = MAX_BATCH_CHARS
+) -> list[tuple[int, int]]:
+    """Cut ``texts`` into ``[start, end)`` batches of at most ``max_batch`` texts and ~``max_chars`` chars.
+
+    Each batch is the longest run from its start within both limits (a text longer than ``max_chars`` goes
+    alone). Works on prefix sums, one step per batch rather than per text: the run loop calls this for every
+    chunk, and a per-text Python loop cost ~1.5 µs a text there.
+    """
+    n = len(texts)
+    max_batch = max(1, max_batch)
+    if n == 0:
+        return []
+    prefix = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=n), out=prefix[1:])
+    if int(prefix[-1]) <= max_chars:
+        return [(s, min(s + max_batch, n)) for s in range(0, n, max_batch)]
+    out: list[tuple[int, int]] = []
+    start = 0
+    while start < n:
+        fits = int(np.searchsorted(prefix, prefix[start] + max_chars, side="right")) - 1
+        end = max(start + 1, min(start + max_batch, fits, n))
+        out.append((start, end))
+        start = end
+    return out
+
+
+async def embed_texts(
+    backend: Backend, texts: Sequence[str], info: BackendInfo, limiter: asyncio.Semaphore | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Embed ``texts`` in batches; returns (vectors, {index: reason} of texts the server refused).
+
+    A refused batch is split in halves until the refused text stands alone; its row gets a zero vector
+    here and is turned into a reject by the caller.
+    """
+    refused: dict[int, str] = {}
+    # the character cap protects HTTP bodies; an in-process model takes whole token-budgeted calls
+    max_chars = MAX_BATCH_CHARS if info.kind != "local" else sys.maxsize
+    batches = make_batches(texts, info.max_batch, max_chars)
+
+    async def call(lo: int, hi: int) -> np.ndarray:
+        if limiter is None:
+            return await backend.embed(texts[lo:hi])
+        async with limiter:
+            return await backend.embed(texts[lo:hi])
+
+    first_refusal: BatchRefused | None = None
+    if len(batches) == 1:  # one call (a local model's whole chunk): its array as it is, not copied
+        try:
+            return check_vectors(await call(0, len(texts)), len(texts), info.dim), refused
+        except BatchRefused as exc:
+            first_refusal = exc  # handled below like any refusal, without sending the batch again
+    out = np.zeros((len(texts), info.dim), dtype=np.float32)
+
+    async def run(lo: int, hi: int, known: BatchRefused | None = None) -> None:
+        try:
+            if known is not None:
+                raise known
+            vecs = await call(lo, hi)
+        except BatchRefused as exc:
+            if hi - lo == 1:
+                refused[lo] = f"server refused the text: {exc}"
+                return
+            mid = (lo + hi) // 2
+            await asyncio.gather(run(lo, mid), run(mid, hi))
+            return
+        out[lo:hi] = vecs
+
+    tasks = [asyncio.ensure_future(run(lo, hi, first_refusal)) for lo, hi in batches]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    finally:
+        # ``run`` refers to itself (the split), so it and its cells (``out``!) form a reference cycle that
+        # only the cyclic GC frees, late: without this, peak RSS grew by a chunk of vectors per chunk.
+        run = None  # type: ignore[assignment]
+        first_refusal = None  # its traceback holds this frame (and ``out``) in a cycle too
+    return out, refused
+
+
+async def embed_block(
+    backend: Backend,
+    block: ParsedBlock,
+    info: BackendInfo,
+    *,
+    dedupe: bool = False,
+    limiter: asyncio.Semaphore | None = None,
+    file_label: str = "",
+) -> ChunkResult:
+    """Embed one chunk's parsed rows (optionally each distinct text once) and collect refusals as rejects."""
+    texts = block.texts
+    if dedupe and texts:
+        index: dict[str, int] = {}
+        inverse = np.fromiter(
+            (index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts)
+        )
+        unique = list(index)
+        uvecs, urefused = await embed_texts(backend, unique, info, limiter)
+        vectors = uvecs[inverse]
+        refused = {i: urefused[int(u)] for i, u in enumerate(inverse) if int(u) in urefused}
+        sent = len(unique)
+    else:
+        vectors, refused = await embed_texts(backend, texts, info, limiter)
+        sent = len(texts)
+    rejects = list(block.rejects)
+    ids = block.ids
+    if refused:
+        keep = np.ones(len(ids), dtype=bool)
+        for i, reason in refused.items():
+            keep[i] = False
+            rejects.append(Reject(file_label, block.lines[i], reason, texts[i][:SNIPPET_CHARS]))
+        ids = [x for x, k in zip(ids, keep, strict=True) if k]
+        vectors = vectors[keep]
+        rejects.sort(key=lambda r: r.line)
+    return ChunkResult(ids, vectors, rejects, sent)
+
+
+def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: dict[str, str]) -> Marker:
+    """Temporary file, fsync, atomic publish into the shards dir, rejects, then the marker. Blocking.
+
+    On an object store the shard is uploaded straight to its final key (a PUT is all or nothing) and the
+    marker, written last, is the commit: see :mod:`tweet_embed.storage`.
+    """
+    tmp = dirs.tmp_path(chunk)
+    os.makedirs(dirs.tmp, exist_ok=True)  # a Ray worker on another machine may not have it yet
+    try:
+        write_table(make_table(result.ids, result.vectors, metadata), tmp)
+        sha = file_sha256(tmp)
+        storage.upload_file(tmp, dirs.shard_path(chunk))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    rpath = dirs.rejects_path(chunk)
+    if result.rejects:
+        storage.write_bytes(rpath, b"".join(r.to_json() + b"\n" for r in result.rejects))
+    else:
+        storage.delete(rpath)
+    marker = Marker(
+        chunk=chunk.name,
+        rows=len(result.ids),
+        rejects=len(result.rejects),
+        sha256=sha,
+        shard=os.path.basename(dirs.shard_path(chunk)),
+        first_line=chunk.first_line,
+        n_lines=chunk.n_lines,
+        embedded_texts=result.embedded_texts,
+    )
+    write_marker(dirs, chunk, marker)
+    return marker
+
+
+@dataclass(frozen=True)
+class ChunkOptions:
+    """The run options a chunk's work depends on (picklable: sent to Ray tasks with each chunk)."""
+
+    id_field: str = "_id"
+    text_field: str = "text"
+    dedupe_texts: bool = False
+
+
+def read_block(f: InputFile, chunk: Chunk, copts: ChunkOptions, data: bytes | None = None) -> ParsedBlock:
+    """One chunk's rows, read on their own: ``data`` when the caller already has the bytes, else a seek
+    (plain JSONL, Parquet row range) or a decompress-and-skip from the start (``.gz``/``.zst``)."""
+    if f.kind == "parquet":
+        return read_parquet_block(f, chunk, copts.id_field, copts.text_field)
+    if data is None:
+        data = read_range(f.path, chunk.start, chunk.end)
+    return parse_lines(data, chunk.first_line, f.label, copts.id_field, copts.text_field)
+
+
+async def run_pipeline(
+    next_item: Callable[[], tuple[Chunk, ParsedBlock] | None],
+    embed: Callable[[Chunk, ParsedBlock], Awaitable[ChunkResult]],
+    commit: Callable[[Chunk, ChunkResult], Marker],
+    done: Callable[[Chunk, Marker], None],
+    *,
+    chunks_in_flight: int,
+    writes_in_flight: int,
+) -> None:
+    """Read, embed and write chunks with every stage overlapping the others, until ``next_item`` gives None.
+
+    ``next_item`` (blocking: reading, parsing) runs on its own thread, one chunk ahead. Up to
+    ``chunks_in_flight`` chunks are embedding. A chunk that has its vectors hands its slot on at once and waits
+    for one of ``writes_in_flight`` writer threads for ``commit`` (pyarrow releases the GIL), so a slow write
+    never idles the backend; memory stays within chunks_in_flight + writes_in_flight + 2 chunks. The first error
+    cancels the chunks still embedding and is raised once the commits under way have finished (their markers
+    count on resume). Shared by the local engine and the device workers.
+    """
+    loop = asyncio.get_running_loop()
+    reader = ThreadPoolExecutor(1, thread_name_prefix="reader")
+    writer = ThreadPoolExecutor(max(1, writes_in_flight), thread_name_prefix="writer")
+    slots = asyncio.Semaphore(max(1, chunks_in_flight))
+    write_slots = asyncio.Semaphore(max(1, writes_in_flight))
+    tasks: set[asyncio.Task[None]] = set()
+    errors: list[BaseException] = []
+
+    def finished(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())  # type: ignore[arg-type]
+
+    async def process(chunk: Chunk, block: ParsedBlock) -> None:
+        embedding = True
+        try:
+            result = await embed(chunk, block)
+            del block
+            async with write_slots:
+                slots.release()
+                embedding = False
+                marker = await loop.run_in_executor(writer, commit, chunk, result)
+            done(chunk, marker)
+        finally:
+            if embedding:
+                slots.release()
+
+    ahead: asyncio.Future[tuple[Chunk, ParsedBlock] | None] | None = None
+    try:
+        ahead = loop.run_in_executor(reader, next_item)
+        while True:
+            item = await ahead
+            if item is None:
+                break
+            await slots.acquire()
+            if errors:
+                slots.release()
+                raise errors[0]
+            ahead = loop.run_in_executor(reader, next_item)
+            task = asyncio.ensure_future(process(*item))
+            tasks.add(task)
+            task.add_done_callback(finished)
+        if tasks:
+            await asyncio.gather(*list(tasks))
+        if errors:
+            raise errors[0]
+    except BaseException:
+        if ahead is not None and not ahead.done():
+            ahead.cancel()
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*list(tasks), return_exceptions=True)
+        raise
+    finally:
+        writer.shutdown(wait=True)
+        reader.shutdown(wait=False, cancel_futures=True)
+
+
+async def process_chunk(
+    f: InputFile,
+    chunk: Chunk,
+    dirs: WorkDirs,
+    backend: Backend,
+    info: BackendInfo,
+    metadata: dict[str, str],
+    copts: ChunkOptions,
+    *,
+    data: bytes | None = None,
+    limiter: asyncio.Semaphore | None = None,
+) -> Marker:
+    """Read, parse, embed and commit one chunk: the whole unit of work of a Ray task or actor call."""
+    block = await asyncio.to_thread(read_block, f, chunk, copts, data)
+    result = await embed_block(
+        backend, block, info, dedupe=copts.dedupe_texts, limiter=limiter, file_label=f.label
+    )
+    return await asyncio.to_thread(commit_chunk, dirs, chunk, result, metadata)
+
+
+def read_parquet_block(f: InputFile, chunk: Chunk, id_field: str, text_field: str) -> ParsedBlock:
+    """A Parquet chunk (a row range) as a parsed block; line numbers are 1-based row numbers."""
+    from tweet_embed.input.parquet import read_parquet_chunk
+
+    ids, texts, rejects = read_parquet_chunk(
+        f.path, chunk.start, chunk.n_lines, id_field, text_field, f.label
+    )
+    rejected = {r.line for r in rejects}
+    lines = [n for n in range(chunk.first_line, chunk.first_line + chunk.n_lines) if n not in rejected]
+    return ParsedBlock(ids, texts, lines, rejects)
