@@ -36,7 +36,10 @@ from conftest import ROOT, moto_s3, read_shards, sample_slice
 
 ray = pytest.importorskip("ray")
 DIM = 16
-TESTS = os.path.dirname(os.path.abspath(__file__))
+# Ray workers import this module and conftest (tests/): both folders go on their PYTHONPATH.
+TESTS = os.pathsep.join(
+    [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+)
 PROBE = "dimension probe"  # TEI backends send it once per started client
 
 
