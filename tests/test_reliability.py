@@ -1,7 +1,7 @@
 """Reliability: the real CLI against real local servers that overload, drop, hang, lie and die; crashes of
 the pipeline itself; a full disk; two processes on one work dir.
 
-Each test states one guarantee of the README's "Guarantees" section and fails if it does not hold.
+Each test states one guarantee of docs/guarantees.md and fails if it does not hold.
 """
 
 from __future__ import annotations

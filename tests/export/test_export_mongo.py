@@ -4,7 +4,7 @@ mockupdb is a wire-protocol server driven by the test: the real pymongo driver s
 ``getMore`` commands over a loopback socket, and each test asserts what was sent and chooses the reply
 (batches, errors, a hang-up). What it cannot show is a real server's query engine (filter semantics, sort,
 type bracketing): that is :func:`test_real_server_export_and_resume`, which runs against a real server when
-``TWEET_EMBED_TEST_MONGO_URI`` is set (see the README).
+``TWEET_EMBED_TEST_MONGO_URI`` is set (see docs/export-and-load.md).
 """
 
 from __future__ import annotations

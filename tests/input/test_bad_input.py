@@ -1,4 +1,4 @@
-"""Bad input through the real CLI: every case of the README's input table has its outcome asserted here.
+"""Bad input through the real CLI: every case of the input table in docs/embedding.md has its outcome asserted here.
 
 One corpus holds every line-level case (BOM, CRLF, blank lines, malformed JSON, arrays, odd ids and texts,
 a 100,000-character text, lone surrogates, emoji and right-to-left scripts, a duplicated id, no final

@@ -3,7 +3,7 @@
 Why not aiohttp: measured on this project's 2-core machine against a server answering from memory,
 aiohttp spent 8-21 µs of client CPU per embedded document reading 150-400 KB answers of 32 vectors (its
 stream reader, flow-control pauses and per-request machinery) while this client spends 2-7 µs
-(``bench/client_ceiling.py``; the experiment is in the README's "Throughput" section). At 1,024 dimensions
+(``bench/client_ceiling.py``; the experiment is in docs/performance.md, "Throughput"). At 1,024 dimensions
 that difference decides whether the client or the decoding is the limit.
 
 What it does: one connection per request in flight, reused while the server keeps it alive (idle ones are

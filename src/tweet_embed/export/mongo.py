@@ -8,7 +8,7 @@ The resume filter respects MongoDB's *type bracketing*: ``{_id: {$gt: 5}}`` matc
 sorting by ``_id`` puts numbers before strings before ObjectIds. So the filter is
 ``{$or: [{_id: {$gt: last}}, {_id: {$type: [types that sort after last's type]}}]}``, which picks up
 exactly the documents that sort after ``last``. Documents inserted meanwhile with a smaller ``_id`` are
-not picked up (documented in the README).
+not picked up (documented in docs/export-and-load.md).
 """
 
 from __future__ import annotations

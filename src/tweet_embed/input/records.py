@@ -3,7 +3,7 @@
 Why a module of its own: every phase (embed, verify, consolidate --keep-text) must read the input the
 same way, so that "every valid id" means the same thing everywhere.
 
-Rules (also in the README):
+Rules (also in docs/embedding.md, "Input"):
 - fields default to ``_id`` and ``text``; other fields are ignored;
 - ``_id`` may be a string, an integer, ``{"$oid": "..."}`` or ``{"$numberLong": "..."}``; the output id is
   always a string;
