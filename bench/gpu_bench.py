@@ -185,7 +185,7 @@ def raw_limit(backend: LocalBackend, texts: list[str], label: str, rows_per_batc
             t = time.perf_counter()
             pos = 0
             for ids, lens in batches:
-                out = backend._forward(ids, lens)
+                out = backend._fwd(ids, lens)
                 host[pos : pos + len(lens)].copy_(out, non_blocking=pin)
                 pos += len(lens)
             sync(torch, dev)
@@ -444,14 +444,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         RESULTS.setdefault("start", {})[model] = {
             "s": time.perf_counter() - t0,
             **st,
-            "mask4d": b._mask4d,
-            "lean": b._lean is not None,
-            "graphs_on": b._graphs_on,
+            "mask4d": b._fwd.mask4d,
+            "lean": b._fwd.lean is not None,
+            "graphs_on": b._fwd.graphs_on,
         }
         print(
             f"{model}: start {time.perf_counter() - t0:.1f}s (load {st['load_ms']} ms, warm-up "
             f"{st['warmup_ms']} ms), token budget {b.token_budget:,}, max rows {b._max_rows:,}, "
-            f"4-D mask {b._mask4d}, lean forward {b._lean is not None}, CUDA graphs {b._graphs_on} "
+            f"4-D mask {b._fwd.mask4d}, lean forward {b._fwd.lean is not None}, CUDA graphs {b._fwd.graphs_on} "
             f"({st['graphs']} captured)",
             flush=True,
         )

@@ -152,7 +152,7 @@ def test_info_and_matches_sentence_transformers(minilm, reference):
     assert info.kind == "local" and info.model == MINILM_ID and info.dim == 384 and info.normalize
     assert info.max_batch >= 256 and info.max_in_flight >= 1
     assert info.extra == {"dtype": "float32"}
-    assert backend._mask4d  # the installed transformers takes the ready 4-D mask (no host sync per batch)
+    assert backend._fwd.mask4d  # the installed transformers takes the ready 4-D mask (no host sync per batch)
     texts = list(TWEETS)
     np.random.default_rng(3).shuffle(texts)
     vecs = run(backend.embed(texts))
@@ -166,14 +166,14 @@ def test_info_and_matches_sentence_transformers(minilm, reference):
 def test_lean_forward_matches_transformers(minilm):
     """The lean BERT forward is in use for MiniLM and gives transformers' vectors."""
     backend, _ = minilm
-    assert backend._lean is not None
+    assert backend._fwd.lean is not None
     texts = TWEETS[:12]
     lean = run(backend.embed(texts))
-    saved, backend._lean = backend._lean, None
+    saved, backend._fwd.lean = backend._fwd.lean, None
     try:
         hf = run(backend.embed(texts))
     finally:
-        backend._lean = saved
+        backend._fwd.lean = saved
     assert np.allclose(lean, hf, atol=1e-5)
 
 

