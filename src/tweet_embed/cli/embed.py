@@ -28,6 +28,8 @@ examples:
   tweet-embed embed part-*.jsonl.zst --openai-urls http://vllm:8000/v1 --model BAAI/bge-m3
   tweet-embed embed tweets.jsonl --work-dir /nvme/run1 --output-dir /ssd/shards
   tweet-embed embed tweets.jsonl --devices all --dtype bf16   # every GPU here, bfloat16
+  tweet-embed embed search.twarc2.jsonl.gz --lang en --skip-retweets   # raw API responses, filtered
+  tweet-embed embed export.csv --id-field tweet_id --text-field body
 Re-running the same command resumes after the last finished chunk.
 """
 
@@ -35,12 +37,17 @@ Re-running the same command resumes after the last finished chunk.
 def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
-        help="embed JSONL input into Parquet shards (resumable)",
-        description="Embed line-delimited JSON ({_id, text}) into Parquet shards.",
+        help="embed tweets (JSONL, JSON array, CSV/TSV, Parquet, twarc2) into Parquet shards (resumable)",
+        description="Embed records ({_id, text}, Twitter API objects...) into Parquet shards.",
         epilog=EMBED_EXAMPLES,
         formatter_class=Formatter,
     )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help=".json/.jsonl, optionally .gz or .zst")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="JSON Lines, JSON array, CSV/TSV, twarc2 (optionally .gz or .zst), or Parquet",
+    )
     p.add_argument("--input-file", action="append", default=[], help="an input file (the original flag)")
     g = p.add_argument_group("backend")
     g.add_argument(
@@ -96,8 +103,39 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_dir_options(p)
     g = p.add_argument_group("input and chunks")
-    g.add_argument("--id-field", default="_id")
-    g.add_argument("--text-field", default="text")
+    g.add_argument(
+        "--format",
+        dest="input_format",
+        choices=("auto", "jsonl", "json", "csv", "tsv", "parquet", "twarc2"),
+        default="auto",
+        help="input format; default: detected from each file's content (docs/input.md)",
+    )
+    g.add_argument(
+        "--id-field", default="_id", help="id field, column, or dotted path (user.id_str); default _id"
+    )
+    g.add_argument(
+        "--text-field",
+        default="text",
+        help="text field, column, or dotted path; for Twitter API objects the default 'text' means the "
+        "tweet's whole text (see --text-mode)",
+    )
+    g.add_argument(
+        "--text-mode",
+        choices=("full", "raw"),
+        default="full",
+        help="Twitter API objects: full = the whole text a reader sees (extended text, retweets rebuilt, "
+        "HTML entities unescaped); raw = the API's text field as is",
+    )
+    g = p.add_argument_group("filters (skipped rows are counted by reason, not rejected)")
+    g.add_argument("--lang", help="keep only records whose 'lang' is one of these, e.g. en,es")
+    g.add_argument("--skip-retweets", action="store_true", help="leave retweets out")
+    g.add_argument(
+        "--min-text-length",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave out texts shorter than N characters (surrounding whitespace not counted)",
+    )
     g.add_argument("--chunk-size", type=int, default=10_000, help="input lines per chunk (one shard each)")
     g = p.add_argument_group("run")
     g.add_argument("--dedupe-texts", action="store_true", help="embed identical texts in a chunk once")
@@ -197,8 +235,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     elif args.devices:
         log.error("--devices is for --engine local; under Ray the actors are placed on the cluster's GPUs")
         return EXIT_USAGE
+    from tweet_embed.input.rules import Rules
+
+    langs = tuple(sorted({x.strip() for x in (args.lang or "").split(",") if x.strip()}))
+    if args.lang is not None and not langs:
+        log.error("--lang needs at least one language code, e.g. --lang en,es")
+        return EXIT_USAGE
+    rules = Rules(args.text_mode, langs, args.skip_retweets, max(0, args.min_text_length))
     opts = EmbedOptions(
         inputs=inputs,
+        input_format=args.input_format,
+        rules=rules,
         dirs=dirs_from_args(args),
         chunk_lines=args.chunk_size,
         id_field=args.id_field,

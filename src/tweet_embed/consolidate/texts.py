@@ -16,7 +16,6 @@ def iter_input_records(
     """
     from tweet_embed.embed.chunks import iter_chunk_bytes, make_plan
     from tweet_embed.embed.worker import ChunkOptions, read_block
-    from tweet_embed.input.records import parse_lines
 
     plan = make_plan(list(inputs), chunk_lines=chunk_lines)
     copts = ChunkOptions(id_field=id_field, text_field=text_field)
@@ -33,7 +32,7 @@ def iter_input_records(
                 yield from zip(b.ids, b.texts, strict=True)
         else:
             for c, data in iter_chunk_bytes(plan, chunks[i:j]):
-                b = parse_lines(data, c.first_line, plan.files[c.file_index].label, id_field, text_field)
+                b = read_block(plan.files[c.file_index], c, copts, data)
                 yield from zip(b.ids, b.texts, strict=True)
         i = j
 

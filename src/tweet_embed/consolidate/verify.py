@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tweet_embed.consolidate.layout import OUTPUT_RE, duckdb_connect, list_shards, read_manifest
-from tweet_embed.embed.chunks import Plan, iter_chunk_bytes, make_plan
+from tweet_embed.embed.chunks import InputFile, Plan, iter_chunk_bytes, make_plan
 from tweet_embed.embed.worker import ChunkOptions, read_block
-from tweet_embed.input.records import parse_lines
+from tweet_embed.input.formats import parse_block
 from tweet_embed.parquet import META_PREFIX, file_sha256
 
 ID_BATCH = 1_000_000
@@ -135,10 +135,18 @@ def _targets(out_dir: str | None, shards_dir: str | None) -> tuple[str, list[str
 
 
 def _parse_ids(
-    data: bytes, first_line: int, label: str, id_field: str, text_field: str, examples: int
+    data: bytes,
+    first_line: int,
+    f: InputFile,
+    id_field: str,
+    text_field: str,
+    examples: int,
 ) -> tuple[list[str], int, list[str]]:
-    """Parse one JSONL chunk exactly as embed does; only ids and reject counts travel back."""
-    block = parse_lines(data, first_line, label, id_field, text_field)
+    """Parse one text chunk (JSONL, array, CSV...) exactly as embed does; only ids and reject counts travel
+    back."""
+    block = parse_block(
+        f.kind, data, first_line, f.label, id_field, text_field, tweets=f.tweets, header=f.header
+    )
     shown = [f"{os.path.basename(r.file)}:{r.line} {r.reason}" for r in block.rejects[:examples]]
     return block.ids, len(block.rejects), shown
 
@@ -170,15 +178,13 @@ def iter_input_ids(
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1:
         for c, data in iter_chunk_bytes(plan, jsonl):
-            yield _parse_ids(
-                data, c.first_line, plan.files[c.file_index].label, id_field, text_field, examples
-            )
+            yield _parse_ids(data, c.first_line, plan.files[c.file_index], id_field, text_field, examples)
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
         pending: deque[Future[tuple[list[str], int, list[str]]]] = deque()
         for c, data in iter_chunk_bytes(plan, jsonl):
-            label = plan.files[c.file_index].label
-            pending.append(ex.submit(_parse_ids, data, c.first_line, label, id_field, text_field, examples))
+            f = plan.files[c.file_index]
+            pending.append(ex.submit(_parse_ids, data, c.first_line, f, id_field, text_field, examples))
             if len(pending) > workers + 1:
                 yield pending.popleft().result()
         while pending:

@@ -62,7 +62,10 @@ class InputFile:
     fingerprint: str
     lines: int = 0
     damaged: str | None = None  # set when the (compressed) file is damaged; chunks before it are planned
-    kind: str = "jsonl"  # or "parquet": chunks are then row ranges [start, end) of the file
+    kind: str = "jsonl"  # or "parquet": chunks are then row ranges [start, end) of the file; or "json",
+    # "csv", "tsv", "twarc2" (input.formats): byte ranges numbered in records / rows / lines (docs/input.md)
+    tweets: bool = False  # JSON records are Twitter API objects (tweet text rules)
+    header: list[str] | None = None  # CSV/TSV: the column names
 
     def identity(self) -> dict[str, object]:
         return {"path": self.path, "size": self.size, "fingerprint": self.fingerprint}
@@ -138,8 +141,15 @@ def expand_inputs(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def describe_input(path: str, kind: str = "jsonl") -> InputFile:
+def describe_input(path: str, kind: str = "jsonl", fmt: str = "auto") -> InputFile:
+    """A file's identity and format (``kind`` from the name; the content decides, see input.formats)."""
+    from tweet_embed.input.formats import detect
+
     check_input_path(path)
+    tweets = False
+    if kind != "parquet" or fmt not in ("auto", "parquet"):
+        found = detect(path, fmt)
+        kind, tweets = found.kind, found.tweets
     size, mtime_ns = storage.stat(path)
     return InputFile(
         path=storage.absolute(path),
@@ -148,7 +158,17 @@ def describe_input(path: str, kind: str = "jsonl") -> InputFile:
         mtime_ns=mtime_ns,
         fingerprint=fingerprint(path, size),
         kind=kind,
+        tweets=tweets,
     )
+
+
+def scan_text(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
+    """A JSON array, CSV/TSV or twarc2 file: chunks of records / rows / response lines (input.formats)."""
+    from tweet_embed.input.formats import scan
+
+    found = scan(f.path, f.kind, chunk_lines, f.label)
+    f.header, f.damaged, f.lines = found.header, found.damaged, found.units
+    return [Chunk(file_index, k, *c) for k, c in enumerate(found.chunks)]
 
 
 def scan_parquet(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
@@ -216,10 +236,10 @@ def scan_file(f: InputFile, file_index: int, chunk_lines: int) -> list[Chunk]:
     return chunks
 
 
-def make_plan(paths: list[str], chunk_lines: int = DEFAULT_CHUNK_LINES) -> Plan:
+def make_plan(paths: list[str], chunk_lines: int = DEFAULT_CHUNK_LINES, fmt: str = "auto") -> Plan:
     if chunk_lines < 1:
         raise ValueError("chunk size must be at least 1 line")
-    files = [describe_input(p, kind) for p, kind in expand_inputs(paths)]
+    files = [describe_input(p, kind, fmt) for p, kind in expand_inputs(paths)]
     seen: dict[str, str] = {}
     for f in files:
         if f.path in seen:
@@ -227,9 +247,12 @@ def make_plan(paths: list[str], chunk_lines: int = DEFAULT_CHUNK_LINES) -> Plan:
         seen[f.path] = f.label
     chunks: list[Chunk] = []
     for i, f in enumerate(files):
-        chunks.extend(
-            scan_parquet(f, i, chunk_lines) if f.kind == "parquet" else scan_file(f, i, chunk_lines)
-        )
+        if f.kind == "parquet":
+            chunks.extend(scan_parquet(f, i, chunk_lines))
+        elif f.kind == "jsonl":
+            chunks.extend(scan_file(f, i, chunk_lines))
+        else:
+            chunks.extend(scan_text(f, i, chunk_lines))
     return Plan(files, chunks, chunk_lines)
 
 
@@ -324,6 +347,7 @@ class Marker:
     first_line: int
     n_lines: int
     embedded_texts: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # rows left out by a filter, by reason
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -413,12 +437,14 @@ def manifest_key(plan: Plan, model: str, dim: int, options: dict[str, object]) -
     }
 
 
-def load_or_create_plan(dirs: WorkDirs, paths: list[str], chunk_lines: int) -> tuple[Plan, bool]:
+def load_or_create_plan(
+    dirs: WorkDirs, paths: list[str], chunk_lines: int, fmt: str = "auto"
+) -> tuple[Plan, bool]:
     """Reuse the stored plan when the inputs are unchanged, else scan. Returns (plan, reused)."""
     data = storage.read_bytes(dirs.plan_path)
     stored = Plan.from_json(data) if data is not None else None
     if stored is not None:
-        current = [describe_input(p, kind) for p, kind in expand_inputs(paths)]
+        current = [describe_input(p, kind, fmt) for p, kind in expand_inputs(paths)]
         same = (
             stored.chunk_lines == chunk_lines
             and len(current) == len(stored.files)
@@ -435,7 +461,7 @@ def load_or_create_plan(dirs: WorkDirs, paths: list[str], chunk_lines: int) -> t
             + "".join(f"  now: {c.label} ({c.size} bytes)\n" for c in current)
             + "use --restart to start over, or another --work-dir"
         )
-    plan = make_plan(paths, chunk_lines)
+    plan = make_plan(paths, chunk_lines, fmt)
     storage.write_bytes(dirs.plan_path, plan.to_json())
     return plan, False
 
@@ -468,8 +494,8 @@ def iter_chunk_bytes(plan: Plan, wanted: list[Chunk]) -> Iterator[tuple[Chunk, b
         by_file.setdefault(c.file_index, []).append(c)
     for fi in sorted(by_file):
         f = plan.files[fi]
-        if f.kind != "jsonl":
-            raise ValueError(f"{f.label} is not line-delimited input")
+        if f.kind == "parquet":
+            raise ValueError(f"{f.label} is Parquet, read by row range")
         todo = sorted(by_file[fi], key=lambda c: c.start)
         try:
             with open_binary(f.path) as fh:

@@ -11,6 +11,7 @@ from typing import Any
 
 from tweet_embed.backends.base import BackendInfo
 from tweet_embed.embed.chunks import DEFAULT_CHUNK_LINES, WorkDirs
+from tweet_embed.input.rules import DEFAULT_RULES, Rules
 
 
 @dataclass
@@ -21,6 +22,8 @@ class EmbedOptions:
     id_field: str = "_id"
     text_field: str = "text"
     dedupe_texts: bool = False
+    input_format: str = "auto"  # or jsonl, json, csv, tsv, parquet, twarc2 (input.formats)
+    rules: Rules = DEFAULT_RULES  # --text-mode and the filters (input.rules)
     restart: bool = False
     chunks_in_flight: int = 3
     log_interval: float = 5.0
@@ -42,6 +45,7 @@ class Summary:
     dim: int = 0
     stats: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # rows left out by a filter, by reason
     rejects_file: str | None = None
     shards_dir: str = ""
 
@@ -56,6 +60,12 @@ class Summary:
             f"{self.docs_per_s:.1f} docs/s",
             f"Rejected: {self.rejected} lines" + (f" (see {self.rejects_file})" if self.rejects_file else ""),
         ]
+        if self.skipped:
+            lines.append(
+                f"Skipped by filters: {sum(self.skipped.values())} rows ("
+                + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+                + ")"
+            )
         if self.model:
             lines.append(f"Model: {self.model} ({self.dim} dimensions); shards in {self.shards_dir}")
         if self.embedded_texts and self.embedded_texts != self.rows:
@@ -66,4 +76,13 @@ class Summary:
 
 
 def output_options(opts: EmbedOptions, info: BackendInfo) -> dict[str, object]:
-    return {"normalize": info.normalize, "id_field": opts.id_field, "text_field": opts.text_field}
+    out: dict[str, object] = {
+        "normalize": info.normalize,
+        "id_field": opts.id_field,
+        "text_field": opts.text_field,
+    }
+    # only what differs from the defaults, so a run started before these options resumes unchanged
+    if opts.input_format != "auto":
+        out["format"] = opts.input_format
+    out.update(opts.rules.describe())
+    return out

@@ -33,8 +33,16 @@ from tweet_embed.embed.chunks import (
     manifest_key,
 )
 from tweet_embed.embed.options import EmbedOptions, Summary, output_options
-from tweet_embed.embed.worker import ChunkResult, commit_chunk, embed_block, read_parquet_block, run_pipeline
-from tweet_embed.input.records import InputError, ParsedBlock, parse_lines
+from tweet_embed.embed.worker import (
+    ChunkOptions,
+    ChunkResult,
+    commit_chunk,
+    embed_block,
+    read_block,
+    run_pipeline,
+)
+from tweet_embed.input.records import InputError, ParsedBlock
+from tweet_embed.input.rules import rules_metadata
 from tweet_embed.progress import Progress
 
 log = logging.getLogger("tweet_embed")
@@ -42,7 +50,9 @@ WRITE_QUEUE = 3  # finished chunks being written at once (writer threads)
 
 
 def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterator[tuple[Chunk, ParsedBlock]]:
-    """Parsed chunks in plan order: JSONL files read sequentially once, Parquet chunks by row range."""
+    """Parsed chunks in plan order: text files (JSONL, JSON arrays, CSV...) read sequentially once, Parquet
+    chunks by row range."""
+    copts = chunk_options(opts)
     runs: list[tuple[str, list[Chunk]]] = []
     for c in pending:
         kind = plan.files[c.file_index].kind
@@ -53,20 +63,28 @@ def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterat
     for kind, chunks in runs:
         if kind == "parquet":
             for c in chunks:
-                yield c, read_parquet_block(plan.files[c.file_index], c, opts.id_field, opts.text_field)
+                yield c, read_block(plan.files[c.file_index], c, copts)
             continue
         for chunk, data in iter_chunk_bytes(plan, chunks):
-            f = plan.files[chunk.file_index]
-            yield chunk, parse_lines(data, chunk.first_line, f.label, opts.id_field, opts.text_field)
+            yield chunk, read_block(plan.files[chunk.file_index], chunk, copts, data)
+
+
+def chunk_options(opts: EmbedOptions) -> ChunkOptions:
+    return ChunkOptions(opts.id_field, opts.text_field, opts.dedupe_texts, opts.rules)
 
 
 def check_columns(plan: Plan, opts: EmbedOptions) -> None:
-    """Parquet input: fail at once, naming the columns present, when the id or text column is missing."""
+    """Parquet and CSV input: fail at once, naming the columns present, when the id or text column is
+    missing."""
+    from tweet_embed.input.csv import column_index
     from tweet_embed.input.parquet import check_parquet_columns
 
     for f in plan.files:
         if f.kind == "parquet":
             check_parquet_columns(f.path, opts.id_field, opts.text_field)
+        elif f.header is not None:
+            column_index(f.header, opts.id_field, f.label)
+            column_index(f.header, opts.text_field, f.label)
 
 
 def merge_rejects(dirs: WorkDirs, plan: Plan) -> str | None:
@@ -95,7 +113,9 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         cleaned = dirs.clean_tmp()
         if cleaned:
             log.info("removed %d leftover staging files of an earlier run", cleaned)
-        plan, reused = await asyncio.to_thread(load_or_create_plan, dirs, opts.inputs, opts.chunk_lines)
+        plan, reused = await asyncio.to_thread(
+            load_or_create_plan, dirs, opts.inputs, opts.chunk_lines, opts.input_format
+        )
         markers = done_markers(dirs)
         done = finished_chunks(dirs, plan, markers)
         pending = [c for c in plan.chunks if c.name not in done]
@@ -122,6 +142,7 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
                 "id_field": opts.id_field,
                 "text_field": opts.text_field,
                 "dedupe_texts": opts.dedupe_texts,
+                "rules": opts.rules,
             }
             out: dict[str, object] = {"id_field": opts.id_field, "text_field": opts.text_field}
             await asyncio.to_thread(
@@ -144,6 +165,8 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
             log.info("all %d chunks are already done; nothing to send", len(plan.chunks))
         for m in done_markers(dirs).values():
             summary.rejected += m.rejects
+            for reason, n in m.skipped.items():
+                summary.skipped[reason] = summary.skipped.get(reason, 0) + n
         summary.rejects_file = merge_rejects(dirs, plan)
         summary.elapsed = time.monotonic() - t0
         if damaged:
@@ -165,7 +188,7 @@ async def _run_pending(
         summary.model, summary.dim = info.model, info.dim
         key = manifest_key(plan, info.model, info.dim, output_options(opts, info))
         check_manifest(dirs, key)
-        metadata = {**info.metadata(), "version": __version__}
+        metadata = {**info.metadata(), "version": __version__, **rules_metadata(opts.rules)}
         limiter = asyncio.Semaphore(max(1, info.max_in_flight))
         gen = parse_chunks(plan, pending, opts)
 

@@ -7,6 +7,10 @@ from tweet_embed.embed.chunks import Plan, WorkDirs, done_markers
 from tweet_embed.progress import fmt_eta
 
 
+def _unit(kind: str) -> str:
+    return {"json": "records", "csv": "rows", "tsv": "rows", "parquet": "rows"}.get(kind, "lines")
+
+
 def run_status(dirs: WorkDirs) -> tuple[str, int]:
     """Return (report, exit code): 0 when complete, 1 when chunks remain, 2 when there is no run."""
     data = storage.read_bytes(dirs.plan_path)
@@ -20,10 +24,21 @@ def run_status(dirs: WorkDirs) -> tuple[str, int]:
     rejects = sum(m.rejects for m in done)
     lines_done = sum(m.n_lines for m in done)
     total_lines = sum(c.n_lines for c in plan.chunks)
+    skipped: dict[str, int] = {}
+    for m in done:
+        for reason, n in m.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
     lines = [
-        "inputs: " + ", ".join(f"{f.label} ({f.lines} lines)" for f in plan.files),
+        "inputs: " + ", ".join(f"{f.label} ({f.lines} {_unit(f.kind)})" for f in plan.files),
         f"chunks: {len(done)} / {len(plan.chunks)} done",
-        f"rows embedded: {rows}, rejected: {rejects}",
+        f"rows embedded: {rows}, rejected: {rejects}"
+        + (
+            f", skipped by filters: {sum(skipped.values())} ("
+            + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+            + ")"
+            if skipped
+            else ""
+        ),
     ]
     # speed from the markers' times: the most recent stretch of work, robust to pauses between runs
     times = sorted(

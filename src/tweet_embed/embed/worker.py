@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,7 +19,9 @@ from tweet_embed import storage
 from tweet_embed.backends.base import Backend, BackendInfo, check_vectors
 from tweet_embed.backends.pool import BatchRefused
 from tweet_embed.embed.chunks import Chunk, InputFile, Marker, WorkDirs, write_marker
-from tweet_embed.input.records import SNIPPET_CHARS, ParsedBlock, Reject, parse_lines, read_range
+from tweet_embed.input.formats import parse_block
+from tweet_embed.input.records import SNIPPET_CHARS, ParsedBlock, Reject, read_range
+from tweet_embed.input.rules import DEFAULT_RULES, Rules
 from tweet_embed.parquet import file_sha256, make_table, write_table
 
 MAX_BATCH_CHARS = 400_000  # keeps request bodies well under TEI's 2 MB payload limit
@@ -31,6 +33,7 @@ class ChunkResult:
     vectors: np.ndarray
     rejects: list[Reject]
     embedded_texts: int  # texts actually sent (fewer than rows with --dedupe-texts)
+    skipped: dict[str, int] = field(default_factory=dict)  # rows left out by a filter, by reason
 
 
 def make_batches(
@@ -151,7 +154,7 @@ async def embed_block(
         ids = [x for x, k in zip(ids, keep, strict=True) if k]
         vectors = vectors[keep]
         rejects.sort(key=lambda r: r.line)
-    return ChunkResult(ids, vectors, rejects, sent)
+    return ChunkResult(ids, vectors, rejects, sent, block.skipped)
 
 
 def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: dict[str, str]) -> Marker:
@@ -184,6 +187,7 @@ def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: di
         first_line=chunk.first_line,
         n_lines=chunk.n_lines,
         embedded_texts=result.embedded_texts,
+        skipped=result.skipped,
     )
     write_marker(dirs, chunk, marker)
     return marker
@@ -196,6 +200,7 @@ class ChunkOptions:
     id_field: str = "_id"
     text_field: str = "text"
     dedupe_texts: bool = False
+    rules: Rules = DEFAULT_RULES  # text mode and filters (input.rules)
 
 
 def read_block(f: InputFile, chunk: Chunk, copts: ChunkOptions, data: bytes | None = None) -> ParsedBlock:
@@ -205,7 +210,17 @@ def read_block(f: InputFile, chunk: Chunk, copts: ChunkOptions, data: bytes | No
         return read_parquet_block(f, chunk, copts.id_field, copts.text_field)
     if data is None:
         data = read_range(f.path, chunk.start, chunk.end)
-    return parse_lines(data, chunk.first_line, f.label, copts.id_field, copts.text_field)
+    return parse_block(
+        f.kind,
+        data,
+        chunk.first_line,
+        f.label,
+        copts.id_field,
+        copts.text_field,
+        copts.rules,
+        f.tweets,
+        f.header,
+    )
 
 
 async def run_pipeline(

@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import orjson
@@ -65,6 +65,7 @@ class ParsedBlock:
     texts: list[str]
     lines: list[int]  # 1-based line (or row) number of each valid record, for rejects found later
     rejects: list[Reject]
+    skipped: dict[str, int] = field(default_factory=dict)  # valid records left out by a filter, by reason
 
 
 def clean_text(text: str) -> str:
@@ -89,11 +90,12 @@ def normalise_id(value: object) -> str | None:
     return None
 
 
-def _snippet(raw: bytes) -> str:
+def snippet(raw: bytes) -> str:
+    """The start of a rejected record, for the rejects file."""
     return raw[: SNIPPET_CHARS * 4].decode("utf-8", "replace")[:SNIPPET_CHARS]
 
 
-def _loads(raw: bytes) -> object:
+def loads(raw: bytes) -> object:
     """orjson first (fast); the stdlib accepts lone-surrogate escapes that orjson refuses."""
     try:
         return orjson.loads(raw)
@@ -116,7 +118,7 @@ def parse_line(raw: bytes, id_field: str = "_id", text_field: str = "text") -> t
     ``raw`` carries no line terminator and no BOM. Blank lines are the caller's business.
     """
     try:
-        obj = _loads(raw)
+        obj = loads(raw)
     except ValueError as exc:
         return str(exc)
     if not isinstance(obj, dict):
@@ -245,7 +247,7 @@ def parse_lines(
     for lineno, raw in split_lines(data, first_line):
         result = parse_line(raw, id_field, text_field)
         if isinstance(result, str):
-            batch.rejects.append(Reject(file_label, lineno, result, _snippet(raw)))
+            batch.rejects.append(Reject(file_label, lineno, result, snippet(raw)))
         else:
             batch.ids.append(result[0])
             batch.texts.append(result[1])
@@ -303,7 +305,7 @@ def iter_records(
                 result = parse_line(raw, id_field, text_field)
                 if isinstance(result, str):
                     if rejects is not None:
-                        rejects.append(Reject(path, lineno, result, _snippet(raw)))
+                        rejects.append(Reject(path, lineno, result, snippet(raw)))
                     continue
                 yield result
         except (OSError, EOFError) as exc:

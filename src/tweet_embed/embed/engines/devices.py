@@ -23,6 +23,7 @@ from typing import Any
 from tweet_embed.backends import BackendSpec
 from tweet_embed.backends.base import BackendError
 from tweet_embed.embed.chunks import Chunk, Plan, WorkDirs, check_manifest, iter_chunk_bytes, manifest_key
+from tweet_embed.input.rules import rules_metadata
 from tweet_embed.procs import available_cores, exit_with_parent
 from tweet_embed.progress import Progress
 
@@ -35,10 +36,11 @@ class WorkerDied(BackendError):
 
 
 def _payloads(plan: Plan, pending: list[Chunk]) -> Iterator[tuple[Chunk, bytes | None]]:
-    """JSONL chunks with their bytes (read once, sequentially, here); Parquet chunks by reference."""
-    jsonl = [c for c in pending if plan.files[c.file_index].kind == "jsonl"]
+    """Text chunks (JSONL, arrays, CSV...) with their bytes (read once, sequentially, here); Parquet chunks by
+    reference."""
+    jsonl = [c for c in pending if plan.files[c.file_index].kind != "parquet"]
     for c in pending:
-        if plan.files[c.file_index].kind != "jsonl":
+        if plan.files[c.file_index].kind == "parquet":
             yield c, None
     yield from iter_chunk_bytes(plan, jsonl)
 
@@ -65,7 +67,7 @@ def _worker_main(
         backend = spec.on_device(device).build()
         try:
             info = loop.run_until_complete(backend.start())
-            metadata = {**info.metadata(), "version": version}
+            metadata = {**info.metadata(), "version": version, **rules_metadata(opts["rules"])}
             results.put(("ready", index, info.model, info.dim, info.normalize))
             loop.run_until_complete(_serve(index, backend, info, dirs, plan, opts, metadata, tasks, results))
         finally:
@@ -91,7 +93,7 @@ async def _serve(
     the other is on the device) while the next is parsed and finished ones are written."""
     from tweet_embed.embed.worker import ChunkOptions, commit_chunk, embed_block, read_block, run_pipeline
 
-    copts = ChunkOptions(opts["id_field"], opts["text_field"], opts["dedupe_texts"])
+    copts = ChunkOptions(opts["id_field"], opts["text_field"], opts["dedupe_texts"], opts["rules"])
     stopping = threading.Event()
 
     def next_block() -> tuple[Chunk, Any] | None:

@@ -52,6 +52,7 @@ from tweet_embed.embed.chunks import (
 )
 from tweet_embed.embed.worker import ChunkOptions, process_chunk
 from tweet_embed.input.records import is_compressed
+from tweet_embed.input.rules import rules_metadata
 from tweet_embed.progress import Progress
 from tweet_embed.storage import absolute
 
@@ -237,7 +238,7 @@ def _work_items(plan: Plan, pending: list[Chunk]) -> Iterator[tuple[Chunk, bytes
     while i < len(pending):
         c = pending[i]
         f = plan.files[c.file_index]
-        if f.kind == "jsonl" and is_compressed(f.path):
+        if f.kind != "parquet" and is_compressed(f.path):
             j = i
             while j < len(pending) and pending[j].file_index == c.file_index:
                 j += 1
@@ -317,7 +318,7 @@ async def run_on_ray(
         use_actors = bool(ropts.use_actors)
     d = opts.dirs
     dirs = WorkDirs(absolute(d.tmp), absolute(d.progress), absolute(d.shards))  # workers have another cwd
-    copts = ChunkOptions(opts.id_field, opts.text_field, opts.dedupe_texts)
+    copts = ChunkOptions(opts.id_field, opts.text_field, opts.dedupe_texts, opts.rules)
     key = uuid.uuid4().hex
 
     with _connected(ropts) as ray:
@@ -335,7 +336,7 @@ async def run_on_ray(
             slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(ropts.cpus_per_task, 1e-3)))
         summary.model, summary.dim = info.model, info.dim
         check_manifest(d, manifest_key(plan, info.model, info.dim, output_options(opts, info)))
-        metadata = {**info.metadata(), "version": __version__}
+        metadata = {**info.metadata(), "version": __version__, **rules_metadata(opts.rules)}
         job = _Job(key, factory, dirs, metadata, copts, info.model, info.dim, slots)
         job_ref = ray.put(job)
         limit = ropts.in_flight or max(2 * slots, opts.chunks_in_flight)
