@@ -82,7 +82,8 @@ def test_find_projection_sort_batch_size_and_getmore(server, tmp_path):
     reply_count(server, 7)
     find = receive_find(server)
     assert find.doc["filter"] == {}
-    assert dict(find.doc["projection"]) == {"_id": 1, "text": 1}
+    # the default text field also reads what the tweet text rules need (test_raw_tweet_documents_...)
+    assert dict(find.doc["projection"]) == {"_id": 1, "text": 1, **dict.fromkeys(M.TWEET_FIELDS, 1)}
     assert dict(find.doc["sort"]) == {"_id": 1}
     assert find.doc["batchSize"] == 3
     find.reply(
@@ -135,6 +136,37 @@ def test_custom_text_field_and_query_are_sent(server, tmp_path):
         data = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
     assert [orjson.loads(x) for x in data.splitlines()] == [{"_id": str(OIDS[0]), "text": "x"}]
     assert result.skipped == {M.SKIP_TEXT_MISSING: 1}
+
+
+@pytest.mark.parametrize("mode", ["full", "raw"])
+def test_raw_tweet_documents_get_the_tweet_text_rules(server, tmp_path, mode):
+    """A collection of raw v1.1 tweet documents (as the API sent them, _id added by MongoDB): the whole text of
+    a long tweet and of a retweet, entities unescaped; --text-mode raw keeps the stored text field."""
+    from tweet_objects import LONG, V1_RETWEET, V1_SHORT, V1_TRUNCATED, V2_NOTE
+
+    out = str(tmp_path / "t.jsonl")
+    future = run_export(server, out, text_mode=mode)
+    reply_count(server, 5)
+    find = receive_find(server)
+    expected = (
+        {"_id": 1, "text": 1, **dict.fromkeys(M.TWEET_FIELDS, 1)} if mode == "full" else {"_id": 1, "text": 1}
+    )
+    assert dict(find.doc["projection"]) == expected
+    docs = [{"_id": OIDS[k], **t} for k, t in enumerate([V1_SHORT, V1_TRUNCATED, V1_RETWEET, V2_NOTE])]
+    docs.append({"_id": OIDS[4], "text": "a plain &amp; document"})
+    find.reply(first_batch(docs, 0))
+    future()
+    texts = [r["text"] for r in read_jsonl(out)]
+    if mode == "full":
+        assert texts == [
+            "Fish & chips <3 >_< and &amp; literally",
+            LONG,
+            "RT @bob: " + LONG + " & more",
+            LONG + " <fin>",
+            "a plain &amp; document",  # not a tweet object: its text as stored
+        ]
+    else:
+        assert texts == [d["text"] for d in docs]
 
 
 def test_dropped_connection_mid_export_resumes_after_last_id(server, tmp_path):

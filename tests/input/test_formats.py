@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from test_tweets import V1_SHORT, V2_INCLUDES, V2_SHORT
 
 from tweet_embed.input.formats import detect
 from tweet_embed.input.records import InputError
+from tweet_objects import V1_SHORT, V2_INCLUDES, V2_SHORT
 
 PLAIN = [{"_id": str(i), "text": f"t{i}"} for i in range(5)]
 

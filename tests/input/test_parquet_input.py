@@ -233,3 +233,31 @@ def test_embed_run_names_a_missing_column(tmp_path):
     o = EmbedOptions(inputs=[str(d)], dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None))
     with pytest.raises(InputError, match=r"000.parquet: no column '_id' \(columns: id, text\)"):
         run_embed(o, lambda: CountingBackend())
+
+
+def test_filters_on_parquet_rows_use_the_lang_column(tmp_path) -> None:
+    from tweet_embed.embed.chunks import make_plan
+    from tweet_embed.embed.worker import read_parquet_block
+    from tweet_embed.input.rules import Rules
+
+    path = str(tmp_path / "f.parquet")
+    table = pa.table(
+        {
+            "_id": [str(i) for i in range(8)],
+            "text": ["hello world", "RT @a: hi there", "ok", "bonjour monde", "hola mundo", None, "fine text", "x"],
+            "lang": ["en", "en", "en", "fr", "es", "en", "en", None],
+        }
+    )
+    pq.write_table(table, path, row_group_size=3)
+    plan = make_plan([path], 5)
+    rules = Rules(langs=("en", "es"), skip_retweets=True, min_chars=3)
+    ids, skipped, rejects = [], {}, []
+    for c in plan.chunks:
+        b = read_parquet_block(plan.files[0], c, "_id", "text", rules)
+        ids += list(zip(b.ids, b.lines, strict=True))
+        rejects += [(r.line, r.reason) for r in b.rejects]
+        for k, v in b.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert ids == [("0", 1), ("4", 5), ("6", 7)]
+    assert rejects == [(6, "text is null")]
+    assert skipped == {"retweet": 1, "short": 1, "lang": 2}

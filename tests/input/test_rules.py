@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from test_tweets import LONG, V1_RETWEET, V1_SHORT, V1_TRUNCATED, V2_NOTE, V2_SHORT
 
 from tweet_embed.input.rules import Rules, Skip, extract, parse_json_lines, record_from_raw
+from tweet_objects import LONG, V1_RETWEET, V1_SHORT, V1_TRUNCATED, V2_NOTE, V2_SHORT
 
 
 def test_dotted_paths() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 import orjson
-from test_tweets import LONG, V2_INCLUDES, V2_NOTE, V2_RETWEET, V2_SHORT
 
 from tweet_embed.input.rules import Rules
 from tweet_embed.input.twarc2 import parse_twarc2_block, scan_twarc2
+from tweet_objects import LONG, V2_INCLUDES, V2_NOTE, V2_RETWEET, V2_SHORT
 
 
 def response(tweets, includes=None, **extra) -> bytes:

@@ -82,6 +82,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="text",
         help="field holding the text, dotted paths allowed (default: %(default)s)",
     )
+    m.add_argument(
+        "--text-mode",
+        choices=("full", "raw"),
+        default="full",
+        help="raw Twitter API documents with the default --text-field: full = the whole text a reader sees "
+        "(extended text, retweets rebuilt, HTML entities unescaped); raw = the 'text' field as stored",
+    )
     m.add_argument("--batch-size", type=int, default=5000, help="documents per batch (default: %(default)s)")
     m.add_argument(
         "--max-retries",
@@ -196,6 +203,7 @@ def cmd_export_mongo(args: argparse.Namespace) -> int:
             args.out,
             query=parse_query(args.query),
             text_field=args.text_field,
+            text_mode=args.text_mode,
             batch_size=args.batch_size,
             restart=args.restart,
             overwrite=args.overwrite,

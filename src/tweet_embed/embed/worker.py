@@ -207,7 +207,7 @@ def read_block(f: InputFile, chunk: Chunk, copts: ChunkOptions, data: bytes | No
     """One chunk's rows, read on their own: ``data`` when the caller already has the bytes, else a seek
     (plain JSONL, Parquet row range) or a decompress-and-skip from the start (``.gz``/``.zst``)."""
     if f.kind == "parquet":
-        return read_parquet_block(f, chunk, copts.id_field, copts.text_field)
+        return read_parquet_block(f, chunk, copts.id_field, copts.text_field, copts.rules)
     if data is None:
         data = read_range(f.path, chunk.start, chunk.end)
     return parse_block(
@@ -319,13 +319,16 @@ async def process_chunk(
     return await asyncio.to_thread(commit_chunk, dirs, chunk, result, metadata)
 
 
-def read_parquet_block(f: InputFile, chunk: Chunk, id_field: str, text_field: str) -> ParsedBlock:
+def read_parquet_block(
+    f: InputFile, chunk: Chunk, id_field: str, text_field: str, rules: Rules = DEFAULT_RULES
+) -> ParsedBlock:
     """A Parquet chunk (a row range) as a parsed block; line numbers are 1-based row numbers."""
-    from tweet_embed.input.parquet import read_parquet_chunk
+    from tweet_embed.input.parquet import filter_parquet_block, read_parquet_chunk
 
     ids, texts, rejects = read_parquet_chunk(
         f.path, chunk.start, chunk.n_lines, id_field, text_field, f.label
     )
     rejected = {r.line for r in rejects}
     lines = [n for n in range(chunk.first_line, chunk.first_line + chunk.n_lines) if n not in rejected]
-    return ParsedBlock(ids, texts, lines, rejects)
+    block = ParsedBlock(ids, texts, lines, rejects)
+    return filter_parquet_block(block, f.path, chunk.start, chunk.n_lines, rules) if rules.filters else block

@@ -30,6 +30,7 @@ from tweet_embed.export.jsonl_writer import (
     ExportResult,
     ResumableJsonlWriter,
 )
+from tweet_embed.input.tweets import tweet_kind, v1_text, v2_text
 
 log = logging.getLogger("tweet_embed")
 
@@ -146,6 +147,37 @@ def get_field(doc: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
+# Raw Twitter API documents (v1.1 as the streaming/REST API sent them, v2 tweets): the fields the text rules of
+# input.tweets read, so a retweet, a long tweet or an escaped "&amp;" is exported as ``embed`` would read it.
+TWEET_FIELDS = (
+    "id",
+    "id_str",
+    "full_text",
+    "extended_tweet.full_text",
+    "user.screen_name",
+    "retweeted_status.user.screen_name",
+    "retweeted_status.text",
+    "retweeted_status.full_text",
+    "retweeted_status.extended_tweet.full_text",
+    "note_tweet.text",
+    "author_id",
+    "edit_history_tweet_ids",
+    "referenced_tweets",
+)
+
+
+def tweet_text(doc: Mapping[str, Any]) -> Any:
+    """The text of a document: a tweet's whole text (input.tweets rules) when it is a Twitter API object,
+    else its ``text`` field."""
+    d = dict(doc)
+    kind = tweet_kind(d)
+    if kind == "v1":
+        return v1_text(d)
+    if kind == "v2":
+        return v2_text(d)
+    return d.get("text", MISSING)
+
+
 def classify_text(value: Any) -> str | None:
     """The skip reason for a text value, or None when it is a usable text."""
     if value is MISSING or value is None:
@@ -208,6 +240,7 @@ def export_mongo(
     *,
     query: Mapping[str, Any] | None = None,
     text_field: str = "text",
+    text_mode: str = "full",
     batch_size: int = 5000,
     restart: bool = False,
     overwrite: bool = False,
@@ -236,6 +269,9 @@ def export_mongo(
         "text_field": text_field,
         "query": _canonical(user_query),
     }
+    tweet_rules = text_field == "text" and text_mode == "full"
+    if text_field == "text":
+        source["text_mode"] = text_mode  # a resume under the other mode would mix two kinds of text
     writer = ResumableJsonlWriter(
         out,
         source,
@@ -273,6 +309,8 @@ def export_mongo(
                 out,
             )
             projection = {"_id": 1, text_field: 1}
+            if tweet_rules:  # what the tweet text rules read (input.tweets), and nothing more
+                projection.update(dict.fromkeys(TWEET_FIELDS, 1))
             failures = 0
             seen = 0
             done_before = writer.rows + sum(writer.skipped.values())
@@ -289,7 +327,7 @@ def export_mongo(
                         for doc in cursor:
                             doc_id = doc.get("_id", MISSING)
                             rid = None if doc_id is MISSING else mongo_id_to_str(doc_id)
-                            text = get_field(doc, text_field)
+                            text = tweet_text(doc) if tweet_rules else get_field(doc, text_field)
                             reason = SKIP_INVALID_ID if rid is None else classify_text(text)
                             pos = writer.position if doc_id is MISSING else doc_id
                             if reason is None:

@@ -18,7 +18,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tweet_embed.input.records import SNIPPET_CHARS, InputError, Reject, clean_text, normalise_id
+from tweet_embed.input.records import SNIPPET_CHARS, InputError, ParsedBlock, Reject, clean_text, normalise_id
+from tweet_embed.input.rules import Rules, filter_record
 
 PARQUET_SUFFIX = ".parquet"
 
@@ -211,3 +212,37 @@ def read_parquet_chunk(
         ids.append(rid)  # type: ignore[arg-type]
         texts.append(clean_text(text))
     return ids, texts, rejects
+
+
+def filter_parquet_block(
+    block: ParsedBlock, path: str, start_row: int, n_rows: int, rules: Rules
+) -> ParsedBlock:
+    """The filters of :mod:`tweet_embed.input.rules` on a Parquet chunk: ``--lang`` reads the file's ``lang``
+    column (a file without one has no language: every row is skipped as ``lang``), ``--skip-retweets`` looks
+    for the ``RT @`` prefix, ``--min-text-length`` counts the text."""
+    langs: list[Any] | None = None
+    if rules.langs:
+        pf = _open(path)
+        if "lang" in pf.schema_arrow.names:
+            md = pf.metadata
+            groups, row, first_group_row = [], 0, None
+            for i in range(md.num_row_groups):
+                n = md.row_group(i).num_rows
+                if row < start_row + n_rows and row + n > start_row and n > 0:
+                    groups.append(i)
+                    first_group_row = row if first_group_row is None else first_group_row
+                row += n
+            table = pf.read_row_groups(groups, columns=["lang"], use_threads=False)
+            langs = table.slice(start_row - (first_group_row or 0), n_rows).column("lang").to_pylist()
+    out = ParsedBlock([], [], [], block.rejects, dict(block.skipped))
+    base = start_row + 1  # row number of the chunk's first row
+    for rid, text, line in zip(block.ids, block.texts, block.lines, strict=True):
+        obj = {"lang": langs[line - base]} if langs is not None else {}
+        skip = filter_record(obj, text, rules)
+        if skip is not None:
+            out.skipped[skip.reason] = out.skipped.get(skip.reason, 0) + 1
+            continue
+        out.ids.append(rid)
+        out.texts.append(text)
+        out.lines.append(line)
+    return out
