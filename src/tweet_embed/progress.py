@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TextIO
@@ -32,6 +33,9 @@ class Progress:
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     processed: int = 0
     chunks: int = 0
+    # A sentence appended to the line when something needs saying (e.g. "waiting for servers: ..."); the
+    # line's own fields keep the original format, so greps on it still match.
+    note: Callable[[], str | None] | None = None
 
     def __post_init__(self) -> None:
         self.start = time.monotonic()
@@ -60,10 +64,17 @@ class Progress:
         avg = n / elapsed if elapsed > 0 else 0.0
         remaining = max(0, self.total_rows - lines_done)
         eta = remaining / avg if avg > 0 else None
-        return (
+        text = (
             f"Inst. speed: {inst:.2f} docs/s | Avg speed: {avg:.2f} docs/s | Total processed: {n}"
             f" | ETA: {fmt_eta(eta)}"
         )
+        note = self.note() if self.note is not None else None
+        return f"{text} | {note}" if note else text
+
+    @property
+    def lines_done(self) -> int:
+        with self._lock:
+            return getattr(self, "_lines_done", 0)
 
     def _bar(self) -> str:
         with self._lock:

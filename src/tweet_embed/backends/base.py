@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,14 @@ class Backend(ABC):
     def stats(self) -> dict[str, int]:
         """Counters for the summary (retries by cause, splits...)."""
         return {}
+
+    def waiting_note(self, after: float = 5.0) -> str | None:
+        """While no server has answered for ``after`` s: one line saying so and why (HTTP backends)."""
+        return None
+
+    def endpoints(self) -> list[Any]:
+        """The HTTP backends' :class:`~tweet_embed.backends.pool.Endpoint` objects (read-only use)."""
+        return []
 
 
 def check_vectors(vectors: np.ndarray, n: int, dim: int | None) -> np.ndarray:

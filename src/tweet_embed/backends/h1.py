@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import ssl
 import time
 import zlib
@@ -257,7 +258,9 @@ class H1Client:
         except ssl.SSLError as exc:
             raise ConnectError(f"cannot connect to {t.host_header}: {type(exc).__name__}: {exc}") from exc
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {t.host_header}: {exc.strerror or exc}") from exc
+            # asyncio's strerror is "Connect call failed (host, port)"; the errno says why (refused, unreachable)
+            why = os.strerror(exc.errno) if exc.errno else (exc.strerror or exc)
+            raise ConnectError(f"cannot connect to {t.host_header}: {why}") from exc
         return conn
 
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:

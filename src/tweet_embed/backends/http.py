@@ -236,6 +236,12 @@ class HTTPBackend(Backend):
     def stats(self) -> dict[str, int]:
         return {f"retry_{k}": v for k, v in sorted(self.pool.retries.items())}
 
+    def waiting_note(self, after: float = 5.0) -> str | None:
+        return self.pool.waiting_note(after)
+
+    def endpoints(self) -> list[Endpoint]:
+        return list(self.pool.endpoints)
+
     def require_info(self) -> BackendInfo:
         if self.info_ is None:
             raise BackendError("backend not started")

@@ -52,6 +52,11 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
+# Upper bounds (seconds) of the request latency histogram, Prometheus-style (cumulative when exported).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
+RECENT_LATENCIES = 4096  # latencies kept between two reads of recent_latencies (for p50/p95 per interval)
+
+
 @dataclass
 class Endpoint:
     url: str
@@ -60,12 +65,56 @@ class Endpoint:
     consecutive_failures: int = 0
     rest_until: float = 0.0
     last_error: str = ""
+    last_cause: str = ""  # short: "connection refused", "503", "timeout"... (the waiting note shows it)
     ok: int = 0
     failed: int = 0
+    inputs: int = 0  # inputs answered
+    errors: Counter[str] = field(default_factory=Counter)  # by HTTP status or cause
+    latency_counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    latency_sum: float = 0.0
+    recent_latencies: list[float] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return redact_url(self.url)
+
+    @property
+    def host(self) -> str:
+        """``host:port`` only: what an operator recognises in one line."""
+        return urlsplit(self.url).netloc.rsplit("@", 1)[-1] or self.name
+
+    def observe(self, seconds: float) -> None:
+        """Record a successful request's latency."""
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency_counts[i] += 1
+                break
+        self.latency_sum += seconds
+        if len(self.recent_latencies) < RECENT_LATENCIES:
+            self.recent_latencies.append(seconds)
+
+    def take_recent_latencies(self) -> list[float]:
+        """The latencies since the last call (another thread may call this: swap, never mutate in place)."""
+        out, self.recent_latencies = self.recent_latencies, []
+        return out
+
+    def resting(self, now: float | None = None) -> bool:
+        return self.rest_until > (time.monotonic() if now is None else now)
+
+
+def short_cause(cause: str, message: str) -> str:
+    """A few words for a failure: the status code, or what the network said."""
+    if cause == "connection":
+        low = message.lower()
+        for words in ("connection refused", "name or service not known", "no route to host", "reset"):
+            if words in low:
+                return words
+        return "connection failed"
+    if cause == "timeout":
+        return "no answer (timeout)"
+    if cause == "bad_answer":
+        return "bad answer"
+    return cause
 
 
 @dataclass
@@ -91,6 +140,33 @@ class EndpointPool:
         # Condition.wait) deadlocked every other request at shutdown.
         self._wakeup: asyncio.Future[None] | None = None
         self.last_success = time.monotonic()
+        self.active = 0  # calls not yet returned (sending, backing off, or waiting for an endpoint)
+
+    def waiting_for(self, now: float | None = None) -> float:
+        """Seconds no endpoint has answered while work is waiting for one (0 when things are fine)."""
+        now = time.monotonic() if now is None else now
+        busy = self.active > 0
+        return max(0.0, now - self.last_success) if busy else 0.0
+
+    def waiting_note(self, after: float = 5.0) -> str | None:
+        """The "waiting for servers" sentence while no server has answered for ``after`` s, else None."""
+        now = time.monotonic()
+        silent = self.waiting_for(now)
+        if silent < after:
+            return None
+        parts = []
+        for e in self.endpoints:
+            if e.consecutive_failures and e.last_cause:
+                why = e.last_cause + (" (resting)" if e.resting(now) else "")
+            elif e.outstanding:
+                why = f"no answer yet ({e.outstanding} inputs in flight)"
+            else:
+                why = "idle"
+            parts.append(f"{e.host} {why}")
+        return (
+            f"waiting for servers: none has answered for {silent:.0f} s "
+            f"(giving up after {self.policy.max_retry_time:.0f} s); " + ", ".join(parts)
+        )
 
     def _pick(self, n: int) -> Endpoint | None:
         now = time.monotonic()
@@ -132,10 +208,18 @@ class EndpointPool:
 
     async def call(self, n_inputs: int, fn: Callable[[Endpoint], Awaitable[T]]) -> T:
         """Run ``fn(endpoint)`` until it succeeds, moving between endpoints on retryable errors."""
+        self.active += 1
+        try:
+            return await self._call(n_inputs, fn)
+        finally:
+            self.active -= 1
+
+    async def _call(self, n_inputs: int, fn: Callable[[Endpoint], Awaitable[T]]) -> T:
         attempt = 0
         while True:
             deadline = self.last_success + self.policy.max_retry_time
             ep = await self._acquire(n_inputs, deadline)
+            t0 = time.monotonic()
             try:
                 result = await fn(ep)
             except RetryableError as exc:
@@ -151,16 +235,21 @@ class EndpointPool:
                 await self._release(ep, n_inputs)
                 raise
             await self._release(ep, n_inputs)
+            now = time.monotonic()
             ep.ok += 1
+            ep.inputs += n_inputs
+            ep.observe(now - t0)
             ep.consecutive_failures = 0
-            self.last_success = time.monotonic()
+            self.last_success = now
             return result
 
     def _failed(self, ep: Endpoint, cause: str, message: str) -> None:
         self.retries[cause] += 1
         ep.failed += 1
+        ep.errors[cause] += 1
         ep.consecutive_failures += 1
         ep.last_error = message[:300]
+        ep.last_cause = short_cause(cause, message)
         if ep.consecutive_failures >= self.policy.rest_after:
             rest = min(self.policy.max_rest, 0.5 * 2 ** (ep.consecutive_failures - self.policy.rest_after))
             ep.rest_until = time.monotonic() + rest

@@ -147,7 +147,18 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
         help="processes that decode server answers (JSON floats); "
         "default: all cores but one; 1 = decode on the event loop",
     )
-    g.add_argument("--log-interval", type=float, default=5.0, help="seconds between speed lines")
+    g.add_argument(
+        "--log-interval", type=float, default=5.0, help="seconds between speed lines (and journal lines)"
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics (tweet_embed_*) on this port while the run lasts (0: any free port)",
+    )
+    g.add_argument(
+        "--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
+    )
     g.add_argument("--max-chunks", type=int, help=argparse.SUPPRESS)
     g = p.add_argument_group("scale out (Ray)")
     g.add_argument(
@@ -256,6 +267,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         log_interval=args.log_interval,
         max_chunks=args.max_chunks,
         devices=devices,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
     )
     if devices and len(devices) == 1:
         spec = spec.on_device(devices[0])

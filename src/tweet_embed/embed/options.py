@@ -30,6 +30,8 @@ class EmbedOptions:
     max_chunks: int | None = None  # stop after this many chunks (tests, dry runs)
     devices: list[str] | None = None  # more than one: one worker process per device (engines/devices.py)
     ray: Any = None  # an engines.ray.RayOptions: schedule the chunks on a Ray cluster (engines/ray.py)
+    metrics_port: int | None = None  # serve Prometheus metrics here while the run lasts (embed/metrics.py)
+    metrics_addr: str = "127.0.0.1"
 
 
 @dataclass

@@ -33,6 +33,7 @@ from tweet_embed.embed.chunks import (
     manifest_key,
 )
 from tweet_embed.embed.options import EmbedOptions, Summary, output_options
+from tweet_embed.embed.telemetry import RunMonitor
 from tweet_embed.embed.worker import (
     ChunkOptions,
     ChunkResult,
@@ -182,39 +183,76 @@ async def _run_pending(
     summary: Summary,
 ) -> None:
     dirs = opts.dirs
+    monitor = RunMonitor(
+        dirs.progress,
+        chunks_total=len(plan.chunks),
+        chunks_done_before=summary.chunks_skipped,
+        lines_total=sum(c.n_lines for c in plan.chunks),
+        interval=opts.log_interval,
+        info={"engine": "local", "inputs": [f.label for f in plan.files], "chunks_pending": len(pending)},
+    )
+    metrics = None
+    if opts.metrics_port is not None:
+        from tweet_embed.embed.metrics import MetricsServer
+
+        metrics = MetricsServer(monitor, opts.metrics_port, opts.metrics_addr)
+        log.info("metrics: %s", metrics.url)
     backend = make_backend()
+    monitor.backend = backend
+    total = sum(c.n_lines for c in pending)
+    progress = Progress(total_rows=total, interval=opts.log_interval, note=monitor.note)
+    monitor.progress = progress
+    # Progress and the journal start before the backend does: waiting for a server that does not answer
+    # (at start too) shows in the 5-second line, the journal and `status`.
+    monitor.start()
     try:
-        info = await backend.start()
-        summary.model, summary.dim = info.model, info.dim
-        key = manifest_key(plan, info.model, info.dim, output_options(opts, info))
-        check_manifest(dirs, key)
-        metadata = {**info.metadata(), "version": __version__, **rules_metadata(opts.rules)}
-        limiter = asyncio.Semaphore(max(1, info.max_in_flight))
-        gen = parse_chunks(plan, pending, opts)
+        with progress:
+            info = await backend.start()
+            summary.model, summary.dim = info.model, info.dim
+            key = manifest_key(plan, info.model, info.dim, output_options(opts, info))
+            check_manifest(dirs, key)
+            metadata = {**info.metadata(), "version": __version__, **rules_metadata(opts.rules)}
+            limiter = asyncio.Semaphore(max(1, info.max_in_flight))
+            gen = parse_chunks(plan, pending, opts)
 
-        async def embed(chunk: Chunk, block: ParsedBlock) -> ChunkResult:
-            label = plan.files[chunk.file_index].label
-            return await embed_block(
-                backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter, file_label=label
-            )
+            async def embed(chunk: Chunk, block: ParsedBlock) -> ChunkResult:
+                label = plan.files[chunk.file_index].label
+                monitor.chunk_started(chunk.name)
+                return await embed_block(
+                    backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter, file_label=label
+                )
 
-        def done(chunk: Chunk, marker: Marker) -> None:
-            summary.rows += marker.rows
-            summary.embedded_texts += marker.embedded_texts
-            summary.chunks_done_now += 1
-            progress.add(marker.rows, chunk.n_lines)
+            def commit(chunk: Chunk, result: ChunkResult) -> Marker:
+                marker = commit_chunk(dirs, chunk, result, metadata)
+                monitor.chunk_done(chunk.name, result.embedded_texts, (r.reason for r in result.rejects))
+                return marker
 
-        with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
+            def done(chunk: Chunk, marker: Marker) -> None:
+                summary.rows += marker.rows
+                summary.embedded_texts += marker.embedded_texts
+                summary.chunks_done_now += 1
+                progress.add(marker.rows, chunk.n_lines)
+
             await run_pipeline(
                 lambda: next(gen, None),
                 embed,
-                lambda chunk, result: commit_chunk(dirs, chunk, result, metadata),
+                commit,
                 done,
                 chunks_in_flight=opts.chunks_in_flight,
                 writes_in_flight=WRITE_QUEUE,
             )
         summary.stats = backend.stats()
     finally:
+        monitor.stop(
+            {
+                "rows": summary.rows,
+                "texts_sent": summary.embedded_texts,
+                "chunks_done_now": summary.chunks_done_now,
+                "stats": backend.stats(),
+            }
+        )
+        if metrics is not None:
+            metrics.close()
         with contextlib.suppress(Exception):
             await backend.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tweet_embed import storage
 from tweet_embed.embed.chunks import Plan, WorkDirs, done_markers
+from tweet_embed.embed.telemetry import waiting_from_journal
 from tweet_embed.progress import fmt_eta
 
 
@@ -57,6 +58,9 @@ def run_status(dirs: WorkDirs) -> tuple[str, int]:
             lines.append(
                 f"recent speed: {rate:.1f} lines/s, ETA: {fmt_eta((total_lines - lines_done) / rate)}"
             )
+    waiting = waiting_from_journal(dirs.progress)
+    if waiting:
+        lines.append(waiting)
     for f in plan.files:
         if f.damaged:
             lines.append(f"damaged: {f.damaged}")

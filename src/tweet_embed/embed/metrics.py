@@ -1,0 +1,125 @@
+"""``embed --metrics-port``: the run's figures in Prometheus' exposition format, through prometheus_client.
+
+Why a custom collector: every figure already lives somewhere (progress counters, the endpoint pool, the
+monitor); reading them at scrape time costs the run nothing between scrapes and can never disagree with
+the summary.  prometheus_client does the format and the HTTP server (a daemon thread).
+
+Names (all ``tweet_embed_``; counters end in ``_total``):
+``rows_total``, ``texts_sent_total``, ``rejects_total{reason}``, ``retries_total{cause}``,
+``chunks_done`` and ``chunks`` (gauges, this run's plan, earlier runs included), ``eta_seconds``,
+``docs_per_second`` (average of this run), ``waiting_seconds`` (no server has answered for this long while
+work waits; 0 normally); per endpoint (label ``endpoint`` = host:port): ``endpoint_requests_total``,
+``endpoint_inputs_total``, ``endpoint_errors_total{status}`` (HTTP status or cause: connection, timeout,
+bad_answer), ``endpoint_inputs_in_flight``, ``endpoint_resting`` (1 while rested), and the histogram
+``endpoint_latency_seconds``; ``backend{stat}`` carries the backend's own counters (the local model's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from tweet_embed.backends.pool import LATENCY_BUCKETS
+from tweet_embed.embed.telemetry import RunMonitor
+
+__all__ = ["MetricsServer", "collect"]
+
+
+def collect(monitor: RunMonitor) -> Iterator[Any]:
+    """The metric families for one scrape."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    yield CounterMetricFamily(
+        "tweet_embed_rows", "Rows embedded and written in this run", value=monitor.rows()
+    )
+    yield CounterMetricFamily(
+        "tweet_embed_texts_sent", "Texts sent to the backend in this run", value=monitor.texts_sent
+    )
+    rej = CounterMetricFamily("tweet_embed_rejects", "Input lines rejected, by reason", labels=["reason"])
+    for reason, n in sorted(dict(monitor.rejects).items()):
+        rej.add_metric([reason], n)
+    yield rej
+    ret = CounterMetricFamily("tweet_embed_retries", "Requests retried, by cause", labels=["cause"])
+    for cause, n in sorted(monitor.retries().items()):
+        ret.add_metric([cause], n)
+    yield ret
+    yield GaugeMetricFamily(
+        "tweet_embed_chunks_done", "Chunks done (earlier runs included)", value=monitor.chunks_done()
+    )
+    yield GaugeMetricFamily("tweet_embed_chunks", "Chunks in the plan", value=monitor.chunks_total)
+    eta = monitor.eta_seconds()
+    yield GaugeMetricFamily(
+        "tweet_embed_eta_seconds",
+        "Estimated seconds to finish",
+        value=eta if eta is not None else float("nan"),
+    )
+    yield GaugeMetricFamily(
+        "tweet_embed_docs_per_second", "Average rows/s of this run", value=monitor.avg_docs_per_s()
+    )
+    yield GaugeMetricFamily(
+        "tweet_embed_waiting_seconds",
+        "Seconds no server has answered while work waits",
+        value=monitor.waiting_seconds(),
+    )
+    labels = ["endpoint"]
+    req = CounterMetricFamily("tweet_embed_endpoint_requests", "Requests answered", labels=labels)
+    inp = CounterMetricFamily("tweet_embed_endpoint_inputs", "Inputs answered", labels=labels)
+    err = CounterMetricFamily(
+        "tweet_embed_endpoint_errors", "Failed requests by status", labels=[*labels, "status"]
+    )
+    fly = GaugeMetricFamily(
+        "tweet_embed_endpoint_inputs_in_flight", "Inputs sent, not yet answered", labels=labels
+    )
+    rest = GaugeMetricFamily("tweet_embed_endpoint_resting", "1 while the endpoint is rested", labels=labels)
+    lat = HistogramMetricFamily(
+        "tweet_embed_endpoint_latency_seconds", "Request latency (answered)", labels=labels
+    )
+    for e in monitor.endpoints():
+        host = e.host
+        req.add_metric([host], e.ok)
+        inp.add_metric([host], e.inputs)
+        for status, n in sorted(dict(e.errors).items()):
+            err.add_metric([host, status], n)
+        fly.add_metric([host], e.outstanding)
+        rest.add_metric([host], 1.0 if e.resting() else 0.0)
+        cumulative, buckets = 0, []
+        for bound, n in zip(LATENCY_BUCKETS, list(e.latency_counts), strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        lat.add_metric([host], buckets, sum_value=e.latency_sum)
+    yield from (req, inp, err, fly, rest, lat)
+    stats = monitor.backend.stats() if monitor.backend is not None else {}
+    be = GaugeMetricFamily("tweet_embed_backend", "The backend's own counters", labels=["stat"])
+    for k, v in sorted(stats.items()):
+        be.add_metric([k], float(v))
+    yield be
+
+
+class MetricsServer:
+    """Serves ``/metrics`` on ``addr:port`` while the run lasts (``port`` 0 picks a free one)."""
+
+    def __init__(self, monitor: RunMonitor, port: int, addr: str = "127.0.0.1") -> None:
+        try:
+            from prometheus_client import CollectorRegistry, start_http_server
+        except ImportError as exc:  # a dependency; only a broken install lacks it
+            raise RuntimeError(
+                "--metrics-port needs prometheus_client (pip install prometheus_client)"
+            ) from exc
+
+        class _Collector:
+            def collect(self) -> Iterator[Any]:
+                return collect(monitor)
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector())  # type: ignore[arg-type]
+        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        self.port = self._server.server_port
+        self.addr = addr
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.addr}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
