@@ -57,7 +57,7 @@ def test_metrics_during_a_run_match_the_summary(tmp_path: Path, monkeypatch: pyt
     stop = threading.Event()
 
     def poll() -> None:
-        while not stop.wait(0.3):
+        while not stop.wait(0.2):
             if servers:
                 try:
                     during.append(scrape(servers[0].url))
@@ -65,11 +65,11 @@ def test_metrics_during_a_run_match_the_summary(tmp_path: Path, monkeypatch: pyt
                     return
 
     with (
-        TEIServer(dim=DIM, capacity=800, max_client_batch_size=16) as a,
-        TEIServer(dim=DIM, capacity=800, max_client_batch_size=16, p_503=0.2, seed=3) as b,
+        TEIServer(dim=DIM, capacity=300, max_client_batch_size=16) as a,
+        TEIServer(dim=DIM, capacity=300, max_client_batch_size=16, p_503=0.2, seed=3) as b,
     ):
         dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
-        opts = EmbedOptions(inputs=[str(src)], dirs=dirs, chunk_lines=300, metrics_port=0, log_interval=0.5)
+        opts = EmbedOptions(inputs=[str(src)], dirs=dirs, chunk_lines=150, metrics_port=0, log_interval=0.5)
         spec = BackendSpec(urls=(a.embed_url, b.embed_url))
         poller = threading.Thread(target=poll)
         poller.start()
@@ -89,7 +89,9 @@ def test_metrics_during_a_run_match_the_summary(tmp_path: Path, monkeypatch: pyt
     assert {
         dict(lab)["cause"]: v for (n, lab), v in end.items() if n == "tweet_embed_retries_total"
     } == retries
-    assert end[("tweet_embed_chunks_done", ())] == end[("tweet_embed_chunks", ())] == 6
+    assert (
+        end[("tweet_embed_chunks_done", ())] == end[("tweet_embed_chunks", ())] == summary.chunks_total == 11
+    )
     for host, c in served.items():
         lab = (("endpoint", host),)
         # The client's count of answered requests is the server's 200s (the start-up probe included).
