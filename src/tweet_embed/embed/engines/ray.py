@@ -11,10 +11,14 @@ local engine's chunks are embedded and committed:
 * The in-process model: ``num_gpus=1`` **actors**, one per GPU in the cluster, each loading the model once;
   chunks go to whichever actor is free (two at a time, so writing one shard overlaps the next chunk).
 
-Ray does the concurrency and the retries: a task whose worker dies is re-run (``max_retries``), an actor that
-dies is restarted and its calls re-run (``max_restarts``/``max_task_retries``), and I/O errors (``OSError``,
-e.g. an object-store hiccup) are retried too. A chunk's marker is written by the worker only after its shard
-is in place, so a retried or duplicated attempt rewrites the same shard and the output stays exactly once.
+Ray does the concurrency and most retries: a task whose worker or node dies is re-run (``max_retries``), and
+I/O errors (``OSError``, e.g. an object-store hiccup) are retried too. An actor is never restarted by Ray: when
+its node leaves, the GPU it held left too, and a restart (with the calls queued on it) would wait for one
+forever. The driver instead sends that actor's chunks to the other actors, starts a replacement where the
+cluster has room, and starts more actors when GPUs join (:class:`_Schedule`, :class:`_ActorPool`). A chunk's
+marker is written by the worker only after its shard is in place, so a retried or duplicated attempt rewrites
+the same shard and the output stays exactly once. The tests on a multi-node cluster (a node removed or added
+mid-run, the driver killed and re-run): tests/embed/test_engine_ray_cluster.py.
 
 Input: plain JSONL and Parquet chunks are read by the task itself (a seek / a row range). Compressed JSONL
 (``.gz``/``.zst``) cannot seek, so the driver decompresses each such file once, sequentially, and ships the
@@ -79,6 +83,7 @@ class RayOptions:
     workers_per_gpu: int = 1  # actors sharing each GPU (--workers-per-device): a small model outruns one
     cpus_per_actor: float = 1.0
     max_retries: int = 3
+    actor_wait_s: float = 600.0  # with every actor lost, how long to wait for one to be placed again
     in_flight: int | None = None  # chunks submitted at once; None: twice what the cluster runs at once
     init_kwargs: dict[str, Any] = field(default_factory=dict)  # extra ray.init() arguments (num_cpus=...)
 
@@ -269,7 +274,7 @@ def _connected(ropts: RayOptions) -> Iterator[Any]:
     res = ray.cluster_resources()
     log.info(
         "Ray: %d node(s), %g CPUs, %g GPUs (connected in %.1fs)",
-        len(ray.nodes()),
+        sum(1 for n in ray.nodes() if n.get("Alive")),  # nodes() also lists the ones that have left
         res.get("CPU", 0),
         res.get("GPU", 0),
         time.monotonic() - t0,
@@ -322,10 +327,10 @@ async def run_on_ray(
     key = uuid.uuid4().hex
 
     with _connected(ropts) as ray:
-        actors: list[Any] = []
+        pool: _ActorPool | None = None
         if use_actors:
-            actors, info = _start_actors(ray, ropts, key, factory)
-            slots = 2 * len(actors)
+            pool = _ActorPool(ray, ropts, key, factory)
+            info = pool.start()
         else:
             probe = factory()  # the driver learns model and dimension once, for the manifest
             try:
@@ -333,80 +338,296 @@ async def run_on_ray(
             finally:
                 with contextlib.suppress(Exception):
                     await probe.close()
-            slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(ropts.cpus_per_task, 1e-3)))
-        summary.model, summary.dim = info.model, info.dim
-        check_manifest(d, manifest_key(plan, info.model, info.dim, output_options(opts, info)))
-        metadata = {**info.metadata(), "version": __version__, **rules_metadata(opts.rules)}
-        job = _Job(key, factory, dirs, metadata, copts, info.model, info.dim, slots)
-        job_ref = ray.put(job)
-        limit = ropts.in_flight or max(2 * slots, opts.chunks_in_flight)
+        try:
+            slots = 2 * len(pool.ready) if pool else _task_slots(ray, ropts)
+            summary.model, summary.dim = info.model, info.dim
+            check_manifest(d, manifest_key(plan, info.model, info.dim, output_options(opts, info)))
+            metadata = {**info.metadata(), "version": __version__, **rules_metadata(opts.rules)}
+            job = _Job(key, factory, dirs, metadata, copts, info.model, info.dim, slots)
+            log.info(
+                "Ray engine: %d chunks as %s",
+                len(pending),
+                f"calls on {len(pool.ready)} actor(s)" if pool else f"tasks, {slots} at once",
+            )
+            run = _Schedule(ray, ropts, opts.chunks_in_flight, ray.put(job), plan, pool)
+            with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
+                for chunk, marker, stats in run.results(_work_items(plan, pending)):
+                    summary.rows += marker.rows
+                    summary.embedded_texts += marker.embedded_texts
+                    summary.chunks_done_now += 1
+                    for k, v in stats.items():
+                        summary.stats[k] = summary.stats.get(k, 0) + v
+                    progress.add(marker.rows, chunk.n_lines)
+            for k, v in (pool.stats() if pool else {}).items():
+                summary.stats[k] = summary.stats.get(k, 0) + v
+        finally:
+            if pool:
+                pool.close()
 
-        if actors:
-            free = [a for a in actors for _ in range(2)]
-            submit_actor = {}
 
-            def submit(c: Chunk, data: bytes | None) -> Any:
-                actor = free.pop(0)
-                ref = actor.process.remote(job_ref, plan.files[c.file_index], c, data)
-                submit_actor[ref] = actor
-                return ref
+_RESCAN_S = 2.0  # how often the driver looks at the cluster's size (nodes come and go)
 
-            limit = min(limit, len(free))
-        else:
-            task = ray.remote(run_chunk).options(
+
+def _task_slots(ray: Any, ropts: RayOptions) -> int:
+    """HTTP tasks the cluster runs at once now (its CPUs over each task's share)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // max(ropts.cpus_per_task, 1e-3)))
+
+
+class _Schedule:
+    """Keeps the cluster fed with chunks and yields each finished one; resubmits a chunk whose actor was lost.
+
+    Tasks: Ray re-runs a task whose worker or node died (``max_retries``); how many are submitted at once
+    follows the cluster's CPUs, re-read every few seconds, so a node that joins gets chunks at once.
+    Actors: a call whose actor died (its node gone, its process killed) comes back here as a RayActorError and
+    the chunk goes to another actor (at most ``max_retries`` times per chunk): Ray's own restart of that actor
+    could wait forever for a GPU that left with the node, and calls queued on it would wait with it.
+    """
+
+    def __init__(
+        self,
+        ray: Any,
+        ropts: RayOptions,
+        chunks_in_flight: int,
+        job_ref: Any,
+        plan: Plan,
+        pool: _ActorPool | None,
+    ) -> None:
+        self.ray, self.ropts, self.job_ref, self.plan, self.pool = ray, ropts, job_ref, plan, pool
+        self.chunks_in_flight = chunks_in_flight
+        self.inflight: dict[Any, tuple[Chunk, bytes | None, Any]] = {}  # ref -> (chunk, its bytes, its actor)
+        self.retry: list[tuple[Chunk, bytes | None]] = []
+        self.attempts: dict[str, int] = {}
+        self.task: Any = None
+        if pool is None:
+            self.task = ray.remote(run_chunk).options(
                 num_cpus=ropts.cpus_per_task, max_retries=ropts.max_retries, retry_exceptions=[OSError]
             )
+        self.limit = self._limit()
+        self.rescanned = time.monotonic()
 
-            def submit(c: Chunk, data: bytes | None) -> Any:
-                return task.remote(job_ref, plan.files[c.file_index], c, data)
+    def _limit(self) -> int:
+        if self.pool is not None:
+            return self.ropts.in_flight or 1 << 30  # the actors' free call slots are the limit
+        return self.ropts.in_flight or max(2 * _task_slots(self.ray, self.ropts), self.chunks_in_flight)
 
-        log.info(
-            "Ray engine: %d chunks as %s, up to %d at once",
-            len(pending),
-            f"calls on {len(actors)} actor(s)" if actors else "tasks",
-            limit,
-        )
-        items = _work_items(plan, pending)
-        inflight: dict[Any, Chunk] = {}
-        with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
-            try:
-                exhausted = False
-                while True:
-                    while not exhausted and len(inflight) < limit:
-                        item = next(items, None)
-                        if item is None:
-                            exhausted = True
-                            break
-                        inflight[submit(*item)] = item[0]
-                    if not inflight:
+    def _can_submit(self) -> bool:
+        return len(self.inflight) < self.limit and (self.pool is None or bool(self.pool.free))
+
+    def _submit(self, c: Chunk, data: bytes | None) -> None:
+        f = self.plan.files[c.file_index]
+        if self.pool is None:
+            self.inflight[self.task.remote(self.job_ref, f, c, data)] = (c, data, None)
+            return
+        actor = self.pool.free.pop(0)
+        self.inflight[actor.process.remote(self.job_ref, f, c, data)] = (c, data, actor)
+
+    def results(
+        self, items: Iterator[tuple[Chunk, bytes | None]]
+    ) -> Iterator[tuple[Chunk, Marker, dict[str, int]]]:
+        ray = self.ray
+        try:
+            exhausted = False
+            while True:
+                if time.monotonic() - self.rescanned > _RESCAN_S:
+                    self.rescanned = time.monotonic()
+                    self.limit = self._limit()
+                    if self.pool is not None:
+                        self.pool.grow()
+                if self.pool is not None:
+                    self.pool.poll()
+                while self._can_submit() and (self.retry or not exhausted):
+                    if self.retry:
+                        self._submit(*self.retry.pop(0))
+                        continue
+                    item = next(items, None)
+                    if item is None:
+                        exhausted = True
                         break
-                    ready, _ = ray.wait(list(inflight), num_returns=1)
-                    for ref in ready:
-                        chunk = inflight.pop(ref)
-                        if actors:
-                            free.append(submit_actor.pop(ref))
-                        try:
-                            marker, stats = ray.get(ref)
-                        except Exception as exc:
-                            raise _unwrap(ray, exc) from None
-                        summary.rows += marker.rows
-                        summary.embedded_texts += marker.embedded_texts
-                        summary.chunks_done_now += 1
-                        for k, v in stats.items():
-                            summary.stats[k] = summary.stats.get(k, 0) + v
-                        progress.add(marker.rows, chunk.n_lines)
-                for counters in ray.get([a.stats.remote() for a in actors]):
-                    for k, v in counters.items():
-                        summary.stats[k] = summary.stats.get(k, 0) + v
-            except BaseException:
-                for ref in inflight:
-                    with contextlib.suppress(Exception):
-                        ray.cancel(ref)
-                raise
-            finally:
-                for a in actors:
-                    with contextlib.suppress(Exception):
-                        ray.kill(a)
+                    self._submit(*item)
+                if not self.inflight and not self.retry and exhausted:
+                    return
+                if not self.inflight:  # work left, but no actor to run it: wait for a replacement
+                    assert self.pool is not None
+                    self.pool.wait_for_actor()
+                    continue
+                waiting = list(self.inflight) + (list(self.pool.starting) if self.pool else [])
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=_RESCAN_S)
+                for ref in ready:
+                    if ref not in self.inflight:
+                        continue  # an actor came up: poll() takes it next round
+                    chunk, data, actor = self.inflight.pop(ref)
+                    try:
+                        marker, stats = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:
+                        self._actor_lost(actor, chunk, data, exc)
+                        continue
+                    except Exception as exc:
+                        raise _unwrap(ray, exc) from None
+                    if self.pool is not None:
+                        self.pool.release(actor)
+                    yield chunk, marker, stats
+        except BaseException:
+            for ref in self.inflight:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
+            raise
+
+    def _actor_lost(self, actor: Any, chunk: Chunk, data: bytes | None, exc: BaseException) -> None:
+        assert self.pool is not None
+        n = self.attempts[chunk.name] = self.attempts.get(chunk.name, 0) + 1
+        if n > self.ropts.max_retries:
+            raise ClusterError(
+                f"chunk {chunk.name}: its actor was lost {n} times (last: {type(exc).__name__}: {exc})"
+            ) from None
+        self.pool.lost(actor, exc)
+        log.warning("chunk %s: its actor was lost; it goes to another actor (attempt %d)", chunk.name, n + 1)
+        self.retry.append((chunk, data))
+
+
+class _ActorPool:
+    """The in-process model's actors (one per GPU share in the cluster) and their free call slots.
+
+    Two calls per actor at once, so that writing one shard overlaps the next chunk. An actor that is lost is
+    killed for good (no Ray restart, see :class:`_Schedule`) and replaced when the cluster still has room for
+    it; when GPUs join, more actors are started. A replacement's place may come only later (a node must join):
+    the run then waits up to ``actor_wait_s`` with no actor before it gives up.
+    """
+
+    def __init__(self, ray: Any, ropts: RayOptions, key: str, factory: Callable[[], Backend]) -> None:
+        self.ray, self.ropts, self.key, self.factory = ray, ropts, key, factory
+        self.ready: list[Any] = []
+        self.free: list[Any] = []  # one entry per free call slot
+        self.starting: dict[
+            Any, Any
+        ] = {}  # the start() call's ref -> the actor, until it has loaded the model
+        self.info: BackendInfo | None = None
+        self.per = 0.0
+        self.cls: Any = None
+        self.gone = 0
+
+    def _new(self) -> Any:
+        actor = self.cls.remote(self.key, self.factory)
+        self.starting[actor.start.remote()] = actor
+        return actor
+
+    def start(self) -> BackendInfo:
+        ray = self.ray
+        gpus = ray.cluster_resources().get("GPU", 0)
+        n, self.per = actor_layout(gpus, self.ropts)
+        if n < 1:
+            raise ClusterError(
+                f"the cluster has {gpus:g} GPUs: not enough for one actor with {self.per:g} GPU each"
+            )
+        if not self.per:
+            log.warning("no GPU in the Ray cluster: the in-process model runs on CPU in %d actor(s)", n)
+        self.cls = ray.remote(ChunkActor).options(
+            num_gpus=self.per, num_cpus=self.ropts.cpus_per_actor, max_restarts=0, max_concurrency=2
+        )
+        for _ in range(n):
+            self._new()
+        refs = list(self.starting)
+        try:
+            infos = ray.get(refs)
+        except Exception as exc:
+            self.close()
+            raise _unwrap(ray, exc) from None
+        seen = {(i.model, i.dim, i.normalize) for i in infos}
+        if len(seen) != 1:
+            self.close()
+            raise BackendError(f"actors disagree on the model: {sorted(seen)}")
+        for r in refs:
+            self._add(self.starting.pop(r))
+        self.info = infos[0]
+        log.info(
+            "%d actor(s) ready with %g GPU each: %s, %d dimensions",
+            n,
+            self.per,
+            self.info.model,
+            self.info.dim,
+        )
+        return self.info
+
+    def _add(self, actor: Any) -> None:
+        self.ready.append(actor)
+        self.free.extend([actor, actor])
+
+    def release(self, actor: Any) -> None:
+        if actor in self.ready:
+            self.free.append(actor)
+
+    def lost(self, actor: Any, exc: BaseException) -> None:
+        if actor not in self.ready:
+            return  # its other call already reported it
+        self.ready.remove(actor)
+        self.free = [a for a in self.free if a is not actor]
+        self.gone += 1
+        log.warning("an actor was lost (%s): %d left", type(exc).__name__, len(self.ready))
+        with contextlib.suppress(Exception):
+            self.ray.kill(actor, no_restart=True)
+        self.grow()
+
+    def grow(self) -> None:
+        """Start actors up to what the cluster holds now (a replacement, or a GPU that joined)."""
+        if self.ropts.actors is not None:
+            want = self.ropts.actors
+        elif self.per:  # GPU actors: as many as the GPUs there are now hold
+            want = int(self.ray.cluster_resources().get("GPU", 0) / self.per + 1e-9)
+        else:  # CPU actors (a cluster without GPUs at the start): a fixed number
+            want = actor_layout(0, self.ropts)[0]
+        for _ in range(want - len(self.ready) - len(self.starting)):
+            self._new()
+            log.info("starting an actor (%d ready, %d starting)", len(self.ready), len(self.starting))
+
+    def poll(self) -> None:
+        """Take in the actors that have loaded the model; drop those that failed to."""
+        if not self.starting:
+            return
+        done, _ = self.ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        for ref in done:
+            actor = self.starting.pop(ref)
+            try:
+                info = self.ray.get(ref)
+            except Exception as exc:
+                log.warning("a new actor failed to start: %s", _unwrap(self.ray, exc))
+                with contextlib.suppress(Exception):
+                    self.ray.kill(actor, no_restart=True)
+                continue
+            assert self.info is not None
+            if (info.model, info.dim, info.normalize) != (
+                self.info.model,
+                self.info.dim,
+                self.info.normalize,
+            ):
+                raise BackendError(f"a new actor serves {info.model} ({info.dim}), the run {self.info.model}")
+            self._add(actor)
+            log.info("an actor joined: %d ready", len(self.ready))
+
+    def wait_for_actor(self) -> None:
+        """No actor is left: wait for one to be placed and loaded (a node joining), up to ``actor_wait_s``."""
+        deadline = time.monotonic() + self.ropts.actor_wait_s
+        log.warning("no actor left: waiting up to %gs for one to be placed", self.ropts.actor_wait_s)
+        while not self.ready:
+            self.grow()
+            if self.starting:
+                self.ray.wait(list(self.starting), num_returns=1, timeout=_RESCAN_S)
+            else:
+                time.sleep(_RESCAN_S)
+            self.poll()
+            if not self.ready and time.monotonic() > deadline:
+                raise ClusterError(f"no actor could be placed on the cluster in {self.ropts.actor_wait_s:g}s")
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for counters in self.ray.get([a.stats.remote() for a in self.ready]):
+            for k, v in counters.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def close(self) -> None:
+        for a in [*self.ready, *self.starting.values()]:
+            with contextlib.suppress(Exception):
+                self.ray.kill(a, no_restart=True)
+        self.ready, self.free, self.starting = [], [], {}
 
 
 def actor_layout(gpus: float, ropts: RayOptions) -> tuple[int, float]:
@@ -422,37 +643,6 @@ def actor_layout(gpus: float, ropts: RayOptions) -> tuple[int, float]:
     if not gpus:
         return ropts.actors or w, 0.0
     return ropts.actors or int(gpus) * w, 1.0 / w
-
-
-def _start_actors(
-    ray: Any, ropts: RayOptions, key: str, factory: Callable[[], Backend]
-) -> tuple[list[Any], BackendInfo]:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    n, per = actor_layout(gpus, ropts)
-    if n < 1:
-        raise ClusterError(f"the cluster has {gpus:g} GPUs: not enough for one actor with {per:g} GPU each")
-    if not per:
-        log.warning("no GPU in the Ray cluster: the in-process model runs on CPU in %d actor(s)", n)
-    cls = ray.remote(ChunkActor).options(
-        num_gpus=per,
-        num_cpus=ropts.cpus_per_actor,
-        max_restarts=ropts.max_retries,
-        max_task_retries=ropts.max_retries,
-        max_concurrency=2,
-    )
-    actors = [cls.remote(key, factory) for _ in range(n)]
-    try:
-        infos = ray.get([a.start.remote() for a in actors])
-    except Exception as exc:
-        for a in actors:
-            with contextlib.suppress(Exception):
-                ray.kill(a)
-        raise _unwrap(ray, exc) from None
-    seen = {(i.model, i.dim, i.normalize) for i in infos}
-    if len(seen) != 1:
-        raise BackendError(f"actors disagree on the model: {sorted(seen)}")
-    log.info("%d actor(s) ready with %g GPU each: %s, %d dimensions", n, per, infos[0].model, infos[0].dim)
-    return actors, infos[0]
 
 
 __all__ = ["RayOptions", "ClusterError", "run_on_ray", "run_chunk", "ChunkActor", "actor_layout"]
