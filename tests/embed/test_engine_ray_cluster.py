@@ -72,6 +72,13 @@ class Nodes:
         # not graceful: the raylet and every worker process on it are killed at once, as when a VM is preempted
         self.cluster.remove_node(node, allow_graceful=False)
 
+    def wait_gone(self, node: Any, timeout: float = 30) -> None:
+        """Until the cluster has noticed (its health checks): later tests count the nodes."""
+        deadline = time.monotonic() + timeout
+        while any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            assert time.monotonic() < deadline, "the removed node still counts as alive"
+            time.sleep(0.1)
+
 
 @pytest.fixture(scope="module")
 def nodes(s3) -> Iterator[Nodes]:
@@ -85,7 +92,14 @@ def nodes(s3) -> Iterator[Nodes]:
         ray.shutdown()
     cluster = cluster_utils.Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_port": 0},
+        head_node_args={
+            "num_cpus": 1,
+            "num_gpus": 0,
+            "include_dashboard": True,
+            "dashboard_port": 0,
+            # a killed node is declared dead within about a second (default: 3 s x 5 health checks)
+            "_system_config": {"health_check_period_ms": 300, "health_check_failure_threshold": 3},
+        },
     )
     try:
         workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
@@ -272,6 +286,7 @@ def test_worker_node_removed_mid_run(tmp_path, nodes, data, server) -> None:
     finally:
         nodes.remove(victim)
     s = run.join(120)
+    nodes.wait_gone(victim)
     assert s.rows == len(data["records"]) and s.chunks_done_now == 20
     assert victim.node_id not in texts_per_node(log_dir)  # whatever it started never counted
     assert_identical_to_local(work, data)
@@ -292,6 +307,7 @@ def test_node_added_mid_run_gets_chunks(tmp_path, nodes, data, server) -> None:
     finally:
         if late is not None:
             nodes.remove(late)
+            nodes.wait_gone(late)
     assert s.rows == len(data["records"]) and s.chunks_done_now == 20
     per_node = texts_per_node(log_dir)
     assert per_node.get(late.node_id, 0) > 0, per_node
@@ -348,7 +364,7 @@ def test_cli_driver_killed_then_rerun_against_same_cluster(tmp_path, nodes) -> N
         assert 4 <= done_before < 20
         r = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Ray: 3 node(s)" in r.stderr, r.stderr[-3000:]  # it joined the cluster, not a new local instance
+    assert "Ray: 3 node(s), 3 CPUs" in r.stderr, r.stderr[:3000]  # it joined the cluster, not a new local one
     m = re.search(r"Embedded (\d+) rows in (\d+) chunks \((\d+) of 20 already done\)", r.stderr)
     assert m, r.stderr[-3000:]
     rows, now, skipped = map(int, m.groups())
@@ -382,7 +398,7 @@ def test_ray_job_submit_runs_the_cli_on_the_cluster(tmp_path, nodes) -> None:
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert re.search(r"Job '\S+' succeeded", out), out[-3000:]
-    assert "Ray: 3 node(s)" in out, out[-3000:]  # the job's driver joined this cluster
+    assert "Ray: 3 node(s), 3 CPUs" in out, out[-3000:]  # the job's driver joined this cluster
     assert "Embedded 600 rows in 6 chunks (0 of 6 already done)" in out, out[-3000:]
     assert_rows(work, records)
 
