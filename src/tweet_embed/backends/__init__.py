@@ -13,12 +13,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
 from tweet_embed.backends.base import Backend, BackendError, BackendInfo
+from tweet_embed.backends.vectors import VectorOptions
 
 __all__ = [
     "Backend",
     "BackendError",
     "BackendInfo",
     "BackendSpec",
+    "VectorOptions",
     "make_backend",
     "read_api_key",
     "is_openai_url",
@@ -73,8 +75,9 @@ def make_backend(
     decode_executor: Executor | None = None,
     workers: int | None = None,
     dtype: str | None = None,
+    options: VectorOptions | None = None,
 ) -> Backend:
-    """Build the backend a run asks for (see module doc)."""
+    """Build the backend a run asks for (see module doc); ``options``: prompt and dimensions."""
     tei = split_urls(urls)
     oai = split_urls(openai_urls)
     oai += [u for u in tei if is_openai_url(u)]
@@ -91,6 +94,7 @@ def make_backend(
         insecure=insecure,
         decode_executor=decode_executor,
         workers=workers,
+        options=options,
     )
     if oai:
         from tweet_embed.backends.openai import OpenAIBackend
@@ -103,7 +107,12 @@ def make_backend(
     from tweet_embed.backends.local import LocalBackend
 
     return LocalBackend(
-        model or DEFAULT_LOCAL_MODEL, device=device, normalize=normalize, batch_size=batch_size, dtype=dtype
+        model or DEFAULT_LOCAL_MODEL,
+        device=device,
+        normalize=normalize,
+        batch_size=batch_size,
+        dtype=dtype,
+        options=options,
     )
 
 
@@ -126,6 +135,9 @@ class BackendSpec:
     device: str | None = None
     workers: int | None = None  # response-decoding processes of HTTP backends (None: one thread)
     dtype: str | None = None  # local model: fp16 / bf16 / fp32 (None: fp16 on GPUs, fp32 on CPUs)
+    prompt: str | None = None  # text before every input (--prompt)
+    prompt_name: str | None = None  # a name in the model's sentence-transformers prompts (--prompt-name)
+    dimensions: int | None = None  # Matryoshka: keep the first N dimensions (--dimensions)
 
     def __repr__(self) -> str:  # URLs redacted, no key: safe in log lines, tracebacks and Ray task errors
         from tweet_embed.backends.pool import redact_url
@@ -155,4 +167,5 @@ class BackendSpec:
             decode_executor=decode_executor,
             workers=self.workers,
             dtype=self.dtype,
+            options=VectorOptions(self.prompt, self.prompt_name, self.dimensions),
         )

@@ -34,6 +34,7 @@ from tweet_embed.backends.pool import (
     RetryPolicy,
     redact_url,
 )
+from tweet_embed.backends.vectors import VectorOptions, truncate
 
 log = logging.getLogger("tweet_embed")
 
@@ -96,9 +97,10 @@ class HTTPBackend(Backend):
         insecure: bool = False,
         decode_executor: Executor | None = None,
         workers: int | None = None,
+        options: VectorOptions | None = None,
     ) -> None:
         """``workers``: decode processes (None, 0 or 1: none, decode on the loop); a given
-        ``decode_executor`` runs every decode instead."""
+        ``decode_executor`` runs every decode instead. ``options``: prompt and dimensions."""
         if not urls:
             raise ValueError("no server URL given")
         self.urls = [self.normalise_url(u) for u in urls]
@@ -115,6 +117,9 @@ class HTTPBackend(Backend):
         self.pool = EndpointPool([Endpoint(u) for u in self.urls], RetryPolicy(max_retry_time=max_retry_time))
         self.session: H1Client | None = None
         self.info_: BackendInfo | None = None
+        self.options = options or VectorOptions()
+        # a server that answered the full width despite ``dimensions``: its width, cut here to the asked one
+        self._wire_dim: int | None = None
 
     @staticmethod
     def normalise_url(url: str) -> str:
@@ -221,7 +226,7 @@ class HTTPBackend(Backend):
         """One batch through the pool: send, decode off the loop (``kind`` names the decoder in
         :data:`tweet_embed.backends.decode.DECODERS`), validate, retry bad answers elsewhere."""
         n = len(texts)
-        dim = self.info_.dim if self.info_ else None
+        dim = self._wire_dim or (self.info_.dim if self.info_ else None)
 
         async def attempt(ep: Endpoint) -> np.ndarray:
             url, payload = build(ep)
@@ -231,7 +236,38 @@ class HTTPBackend(Backend):
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 raise RetryableError("bad_answer", f"{ep.name}: {exc}") from exc
 
-        return await self.pool.call(n, attempt)
+        vectors = await self.pool.call(n, attempt)
+        if self._wire_dim is not None and self.options.dimensions is not None:
+            return truncate(vectors, self.options.dimensions, self.normalize)
+        return vectors
+
+    async def probe_width(self, probe: Callable[[bool], Any], model: str) -> int:
+        """The width of this run's vectors, checked before any work: ``probe(with_dimensions)`` embeds one text.
+
+        Without ``--dimensions``: the model's width. With it: N above the model's width is an error; a server
+        that answers the full width anyway (one that ignores the field) gets its vectors cut here, with one
+        warning; any other width is an error.
+        """
+        try:
+            full = int((await probe(False)).shape[1])
+            want = self.options.dimensions
+            if want is None:
+                return full
+            self.options.check_width(full, model)
+            got = int((await probe(True)).shape[1])
+        except BatchRefused as exc:  # e.g. an unknown prompt name: TEI answers 422 with the known ones
+            raise BackendError(f"the server refused the request: {exc}") from None
+        if got == want:
+            return want
+        if got == full:
+            log.warning(
+                "the server ignores `dimensions` (answers %d dimensions): cutting to %d here, renormalised",
+                full,
+                want,
+            )
+            self._wire_dim = full
+            return want
+        raise BackendError(f"asked the server for {want} dimensions, it answered {got}")
 
     def stats(self) -> dict[str, int]:
         return {f"retry_{k}": v for k, v in sorted(self.pool.retries.items())}

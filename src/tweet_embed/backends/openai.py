@@ -46,6 +46,11 @@ class OpenAIBackend(HTTPBackend):
         return url
 
     async def start(self) -> BackendInfo:
+        if self.options.prompt_name is not None:
+            raise BackendError(
+                "OpenAI-compatible servers take no prompt name (TEI's /v1/embeddings ignores it): give the "
+                "prompt text with --prompt, or use the server's /embed with --tei-urls"
+            )
         server_batch = None
         info_model = None
         for ep in self.pool.endpoints:
@@ -70,23 +75,26 @@ class OpenAIBackend(HTTPBackend):
                 self.model = str(info_model)
         probe = ["dimension probe"]
         try:
-            vec = await self.request_vectors(probe, self._build(probe), "openai_base64")
+            await self.request_vectors(probe, self._build(probe, False), "openai_base64")
         except BatchRefused as exc:
             log.warning("server refused base64 encoding (%s); using JSON floats", exc)
             self.encoding = "float"
-            vec = await self.request_vectors(probe, self._build(probe), "openai_float")
-        except BackendError:
-            raise
+
+        async def embed_probe(dims: bool) -> np.ndarray:
+            kind = "openai_base64" if self.encoding == "base64" else "openai_float"
+            return await self.request_vectors(probe, self._build(probe, dims), kind)
+
+        dim = await self.probe_width(embed_probe, self.model)
         batch = choose_batch(self.batch_size, server_batch, DEFAULT_BATCH)
         capacity = sum(ep.capacity for ep in self.pool.endpoints)
         self.info_ = BackendInfo(
             kind="openai",
             model=self.model,
-            dim=int(vec.shape[1]),
+            dim=dim,
             normalize=self.normalize,
             max_batch=batch,
             max_in_flight=max(1, capacity // batch),
-            extra={"encoding": self.encoding},
+            extra={"encoding": self.encoding, **self.options.metadata()},
         )
         if not self.normalize:
             log.warning(
@@ -94,8 +102,17 @@ class OpenAIBackend(HTTPBackend):
             )
         return self.info_
 
-    def _build(self, texts: Sequence[str]):  # type: ignore[no-untyped-def]
-        payload = orjson.dumps({"input": list(texts), "model": self.model, "encoding_format": self.encoding})
+    def _build(self, texts: Sequence[str], dims: bool = True):  # type: ignore[no-untyped-def]
+        """The request body; a ``--prompt`` text goes before each input, ``dimensions`` is OpenAI's field
+        (``dims``: send it; not while learning the model's full width)."""
+        body: dict[str, object] = {
+            "input": list(self.options.with_prompt(texts)),
+            "model": self.model,
+            "encoding_format": self.encoding,
+        }
+        if dims and self.options.dimensions is not None and self._wire_dim is None:
+            body["dimensions"] = self.options.dimensions
+        payload = orjson.dumps(body)
 
         def build(ep: Endpoint) -> tuple[str, bytes]:
             return ep.url, payload

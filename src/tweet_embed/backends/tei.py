@@ -43,7 +43,9 @@ class TEIBackend(HTTPBackend):
         if not any(isinstance(i, dict) for i in infos):
             # No server answered: down, or still loading its model. Wait for one through the pool (backoff up
             # to --max-retry-time, then an error naming each endpoint and its last error), then ask again.
-            await self.request_vectors(["dimension probe"], self._build(["dimension probe"]), "embed_json")
+            await self.request_vectors(
+                ["dimension probe"], self._build(["dimension probe"], False), "embed_json"
+            )
             infos = [await self.get_json(self.base_url(ep.url) + "/info") for ep in self.pool.endpoints]
         for ep, info in zip(self.pool.endpoints, infos, strict=True):
             if isinstance(info, dict):
@@ -68,10 +70,12 @@ class TEIBackend(HTTPBackend):
                 "--model %s given, but the servers report %s", self.model, next(iter(models.values()))
             )
         batch = choose_batch(self.batch_size, server_batch, DEFAULT_BATCH)
-        probe = await self.request_vectors(
-            ["dimension probe"], self._build(["dimension probe"]), "embed_json"
-        )
-        dim = int(probe.shape[1])
+        probe = ["dimension probe"]
+
+        async def embed_probe(dims: bool) -> np.ndarray:
+            return await self.request_vectors(probe, self._build(probe, dims), "embed_json")
+
+        dim = await self.probe_width(embed_probe, model)
         capacity = sum(ep.capacity for ep in self.pool.endpoints)
         self.info_ = BackendInfo(
             kind="tei",
@@ -80,11 +84,24 @@ class TEIBackend(HTTPBackend):
             normalize=self.normalize,
             max_batch=batch,
             max_in_flight=max(1, capacity // max(1, batch)),
+            extra=self.options.metadata(),
         )
         return self.info_
 
-    def _build(self, texts: Sequence[str]):  # type: ignore[no-untyped-def]
-        payload = orjson.dumps({"inputs": list(texts), "truncate": True, "normalize": self.normalize})
+    def _build(self, texts: Sequence[str], dims: bool = True):  # type: ignore[no-untyped-def]
+        """The request body: ``prompt_name`` and ``dimensions`` are TEI's own fields (``dims``: send
+        ``dimensions``; not while learning the model's full width), a ``--prompt`` text goes before each input."""
+        opts = self.options
+        body: dict[str, object] = {
+            "inputs": list(opts.with_prompt(texts)),
+            "truncate": True,
+            "normalize": self.normalize,
+        }
+        if opts.prompt_name is not None:
+            body["prompt_name"] = opts.prompt_name
+        if dims and opts.dimensions is not None and self._wire_dim is None:
+            body["dimensions"] = opts.dimensions
+        payload = orjson.dumps(body)
 
         def build(ep: Endpoint) -> tuple[str, bytes]:
             return ep.url, payload

@@ -143,6 +143,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_dirs(p)
     p.add_argument("--url", action="append", help="server URL(s) when the vectors came from TEI/OpenAI")
     p.add_argument("--device", help="device for the in-process model (cpu, cuda)")
+    p.add_argument("--query-prompt", metavar="TEXT", help="text put before the query, e.g. 'query: ' for E5")
+    p.add_argument(
+        "--query-prompt-name",
+        metavar="NAME",
+        help="a prompt of the model's config for the query, e.g. 'query'",
+    )
     p.add_argument("--id-field", default="_id")
     p.add_argument("--text-field", default="text")
     p.set_defaults(func=cmd_search)
@@ -271,6 +277,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             device=args.device,
             id_field=args.id_field,
             text_field=args.text_field,
+            query_prompt=args.query_prompt,
+            query_prompt_name=args.query_prompt_name,
         )
     except (SearchError, BackendError) as exc:
         log.error("%s", exc)

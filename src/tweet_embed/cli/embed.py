@@ -85,6 +85,24 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--insecure", action="store_true", help="do not verify HTTPS certificates")
     g.add_argument("--device", help="local model device (cpu, cuda, cuda:1); default: CUDA if present")
     g.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help="text put before every input, e.g. 'passage: ' for E5 (recorded; a resume must use the same)",
+    )
+    g.add_argument(
+        "--prompt-name",
+        metavar="NAME",
+        help="a prompt of the model's sentence-transformers config, e.g. 'document' (TEI's prompt_name; the "
+        "local model looks it up itself)",
+    )
+    g.add_argument(
+        "--dimensions",
+        type=at_least_one,
+        metavar="N",
+        help="keep the first N dimensions of a Matryoshka model's vectors, renormalised (TEI's and OpenAI's "
+        "`dimensions`; a server that ignores it is cut here)",
+    )
+    g.add_argument(
         "--dtype",
         choices=("fp16", "bf16", "fp32"),
         help="local model precision; default: fp16 on GPUs, fp32 on CPUs (bf16 works on both)",
@@ -189,7 +207,7 @@ def _all_cores() -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from tweet_embed.backends import BackendError, BackendSpec, read_api_key
+    from tweet_embed.backends import BackendError, BackendSpec, VectorOptions, read_api_key
     from tweet_embed.backends.pool import redact_url
     from tweet_embed.embed.chunks import PlanError
     from tweet_embed.embed.runner import EmbedOptions, run_embed
@@ -213,6 +231,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return EXIT_USAGE
 
+    try:  # --prompt with --prompt-name is an error before anything starts
+        VectorOptions(args.prompt, args.prompt_name, args.dimensions)
+    except BackendError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     spec = BackendSpec(
         urls=tuple(args.tei_urls or ()),
         openai_urls=tuple(args.openai_urls or ()),
@@ -226,6 +249,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers if args.workers is not None else _all_cores(),
         dtype=args.dtype,
+        prompt=args.prompt,
+        prompt_name=args.prompt_name,
+        dimensions=args.dimensions,
     )
 
     devices = None

@@ -66,10 +66,23 @@ def backend_embed_fn(
     urls: Sequence[str] | None = None,
     device: str | None = None,
     api_key: str | None = None,
+    query_prompt: str | None = None,
+    query_prompt_name: str | None = None,
 ) -> EmbedFn:
-    """Embed with the backend and model named in ``meta`` (in-process model, or the given server URLs)."""
-    from tweet_embed.backends import make_backend
+    """Embed with the backend and model named in ``meta`` (in-process model, or the given server URLs), at the
+    recorded ``dimensions``, with the query-side prompt (E5's ``query: ``, a model's ``query`` prompt)."""
+    from tweet_embed.backends import VectorOptions, make_backend
 
+    dims = meta.get("dimensions")
+    options = VectorOptions(query_prompt, query_prompt_name, int(dims) if dims else None)
+    if meta.get("prompt") or meta.get("prompt_name"):
+        if query_prompt is None and query_prompt_name is None:
+            recorded = meta.get("prompt_name") or repr(meta.get("prompt"))
+            log.warning(
+                "the documents were embedded with prompt %s; give the query's with --query-prompt or "
+                "--query-prompt-name (e.g. 'query: ' for E5)",
+                recorded,
+            )
     kind = meta.get("backend", "local")
     normalize = meta.get("normalize", "true") == "true"
     if kind != "local" and not urls:
@@ -78,11 +91,13 @@ def backend_embed_fn(
             "a server that serves the same model"
         )
     if kind == "openai":
-        backend = make_backend(None, meta.get("model"), normalize, openai_urls=urls, api_key=api_key)
+        backend = make_backend(
+            None, meta.get("model"), normalize, openai_urls=urls, api_key=api_key, options=options
+        )
     elif kind == "local":
-        backend = make_backend(None, meta.get("model"), normalize, device=device)
+        backend = make_backend(None, meta.get("model"), normalize, device=device, options=options)
     else:
-        backend = make_backend(urls, None, normalize, api_key=api_key)
+        backend = make_backend(urls, None, normalize, api_key=api_key, options=options)
 
     def embed(text: str) -> np.ndarray:
         async def run() -> np.ndarray:
@@ -132,11 +147,15 @@ def search(
     id_field: str = "_id",
     text_field: str = "text",
     memory_limit: str = "1GB",
+    query_prompt: str | None = None,
+    query_prompt_name: str | None = None,
 ) -> list[Hit]:
     """Top-``k`` ids by cosine similarity to ``query`` (ties broken by id, so results are stable)."""
     files, meta = find_vectors(out_dir, shards_dir)
     dim = int(meta["dim"])
-    fn = embed_fn or backend_embed_fn(meta, urls, device)
+    fn = embed_fn or backend_embed_fn(
+        meta, urls, device, query_prompt=query_prompt, query_prompt_name=query_prompt_name
+    )
     q = np.asarray(fn(query), dtype=np.float32).reshape(-1)
     if q.shape[0] != dim:
         raise SearchError(f"query vector has {q.shape[0]} dimensions, the files hold {dim}")

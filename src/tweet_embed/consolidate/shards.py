@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tweet_embed.backends.vectors import VECTOR_KEYS
 from tweet_embed.consolidate.layout import ConsolidateError
 from tweet_embed.parquet import META_PREFIX
 
@@ -68,7 +69,10 @@ def scan_shards(paths: Sequence[str]) -> tuple[list[ShardInfo], dict[str, str], 
             raise ConsolidateError(f"{p}: metadata says dim {meta.get('dim')} but vectors have {fixed}")
         if first_meta is None:
             first_meta = meta
-        key = tuple(f"{k}={meta.get(k, '?')}" for k in IDENTITY_KEYS)
+        # prompt and dimensions only where recorded: shards from before those options keep their key
+        key = tuple(f"{k}={meta.get(k, '?')}" for k in IDENTITY_KEYS) + tuple(
+            f"{k}={meta[k]}" for k in VECTOR_KEYS if k in meta
+        )
         groups.setdefault(key, []).append(os.path.basename(p))
         infos.append(ShardInfo(os.path.basename(p), p, md.num_rows, os.path.getsize(p)))
     if len(groups) > 1:

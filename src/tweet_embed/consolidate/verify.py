@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tweet_embed.backends.vectors import VECTOR_KEYS
 from tweet_embed.consolidate.layout import OUTPUT_RE, duckdb_connect, list_shards, read_manifest
 from tweet_embed.embed.chunks import InputFile, Plan, iter_chunk_bytes, make_plan
 from tweet_embed.embed.worker import ChunkOptions, read_block
@@ -328,6 +329,7 @@ def verify(
     # files and metadata
     dims: set[int] = set()
     models: set[str] = set()
+    settings: set[tuple[str, ...]] = set()  # prompt and dimensions, as recorded
     for p in files:
         if not os.path.exists(p):
             report.file_problems.append(f"{os.path.basename(p)} is listed in the manifest but missing")
@@ -337,6 +339,12 @@ def verify(
         if f"{META_PREFIX}dim" in md:
             dims.add(int(md[f"{META_PREFIX}dim"]))
         models.add(md.get(f"{META_PREFIX}model", "?"))
+        settings.add(tuple(f"{k}={md[META_PREFIX + k]}" for k in VECTOR_KEYS if META_PREFIX + k in md))
+        asked = md.get(f"{META_PREFIX}dimensions")
+        if asked is not None and asked != md.get(f"{META_PREFIX}dim"):
+            report.file_problems.append(
+                f"{os.path.basename(p)}: made with --dimensions {asked} but declares dim {md.get(f'{META_PREFIX}dim')}"
+            )
     if manifest is not None:
         dims.add(int(manifest["dim"]))
         listed = {f["name"] for f in manifest["files"]}
@@ -359,6 +367,9 @@ def verify(
         )
     if len(models) > 1:
         report.file_problems.append(f"files come from different models: {sorted(models)}")
+    if len(settings) > 1:
+        shown = sorted(", ".join(s) or "no prompt or dimensions" for s in settings)
+        report.file_problems.append(f"files were made with different prompts or dimensions: {shown}")
     report.dim = min(dims) if dims else None
     present = [p for p in files if os.path.exists(p)]
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tweet_embed.backends.base import BackendInfo
+from tweet_embed.backends.vectors import VECTOR_KEYS
 from tweet_embed.embed.chunks import DEFAULT_CHUNK_LINES, WorkDirs
 from tweet_embed.input.rules import DEFAULT_RULES, Rules
 
@@ -78,6 +79,8 @@ class Summary:
 
 
 def output_options(opts: EmbedOptions, info: BackendInfo) -> dict[str, object]:
+    """What besides the model and dimension must match on resume. Prompt and dimensions only when given, so a
+    run from before they existed resumes with the same key."""
     out: dict[str, object] = {
         "normalize": info.normalize,
         "id_field": opts.id_field,
@@ -87,4 +90,5 @@ def output_options(opts: EmbedOptions, info: BackendInfo) -> dict[str, object]:
     if opts.input_format != "auto":
         out["format"] = opts.input_format
     out.update(opts.rules.describe())
+    out.update({k: info.extra[k] for k in VECTOR_KEYS if k in info.extra})
     return out

@@ -106,6 +106,7 @@ class TEIServer:
         capacity: float | None = None,
         prompts: dict[str, str] | None = None,
         default_prompt_name: str | None = None,
+        ignore_dimensions: bool = False,
         seed: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -140,6 +141,8 @@ class TEIServer:
         self.capacity = capacity
         self.prompts = dict(prompts) if prompts else None
         self.default_prompt_name = default_prompt_name
+        # a server without Matryoshka support: serde drops the unknown field, the full width comes back
+        self.ignore_dimensions = ignore_dimensions
         self.host = host
         self.port = port
         self.healthy = True
@@ -524,7 +527,7 @@ class TEIServer:
         raise tei_error(self._validation_status, msg, "Validation", openai)
 
     def _parse_request(self, req: dict[str, Any], openai: bool) -> _EmbedRequest:
-        dimensions = req.get("dimensions")
+        dimensions = None if self.ignore_dimensions else req.get("dimensions")
         if dimensions is not None and (
             not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 0
         ):

@@ -33,6 +33,7 @@ from tweet_embed.backends.local.spec import (
     RANDOM_SHAPES,
     _fast_layout,
     minilm_dir,
+    read_prompts,
 )
 from tweet_embed.backends.local.tokenizer import (
     default_tokenizer_workers,
@@ -42,6 +43,7 @@ from tweet_embed.backends.local.tokenizer import (
     load_tokenizer,
     start_tokenizer_processes,
 )
+from tweet_embed.backends.vectors import VectorOptions, truncate
 
 log = logging.getLogger("tweet_embed")
 
@@ -61,8 +63,14 @@ class LocalBackend(Backend):
         warmup: bool = True,
         threads: int | None = None,
         tokenizer_workers: int | None = None,
+        options: VectorOptions | None = None,
     ) -> None:
         self.model_spec = model
+        self.options = options or VectorOptions()
+        self._prompt = (
+            ""  # the text put before every input: --prompt, or the model's prompt --prompt-name names
+        )
+        self._prompts: dict[str, str] = {}  # the model's sentence-transformers prompts
         self.device_spec = device
         self.normalize = normalize
         self.batch_size = batch_size
@@ -164,6 +172,7 @@ class LocalBackend(Backend):
             self._load_fast(path, layout, dtype, offline=spec in MINILM_ALIASES)
         else:
             self._load_st(str(path) if path is not None else spec, dtype, offline=spec in MINILM_ALIASES)
+        self._apply_options(canonical)
 
         # batch geometry: a token budget per forward pass, shapes padded to x16 on GPU
         hidden = self._dim
@@ -205,6 +214,7 @@ class LocalBackend(Backend):
         extra = {"dtype": str(dtype).replace("torch.", "")}
         if self._fwd is None:
             extra["pipeline"] = "sentence-transformers"
+        extra.update(self.options.metadata())
         return BackendInfo(
             kind="local",
             model=canonical,
@@ -250,6 +260,24 @@ class LocalBackend(Backend):
         self._pooling = pooling
         self._fwd = Forward(self._torch, model, self._device, pooling, self.normalize)
 
+    def _apply_options(self, model: str) -> None:
+        """Resolve the prompt and check the dimensions against the loaded model (before any work)."""
+        opts = self.options
+        if opts.prompt_name is not None:
+            if opts.prompt_name not in self._prompts:
+                known = ", ".join(sorted(self._prompts)) or "none"
+                raise BackendError(
+                    f"--prompt-name {opts.prompt_name!r}: model {model} has no such prompt (its prompts: {known})"
+                )
+            self._prompt = self._prompts[opts.prompt_name]
+        else:
+            self._prompt = opts.prompt or ""
+        if opts.dimensions is not None:
+            opts.check_width(self._dim, model)
+            self._dim = opts.dimensions
+            if self._fwd is not None:
+                self._fwd.dims = opts.dimensions
+
     def _load_fast(self, path: Path, layout: tuple[str, int], dtype: Any, offline: bool) -> None:
         if offline:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -266,6 +294,7 @@ class LocalBackend(Backend):
             model = AutoModel.from_pretrained(str(path), local_files_only=True)
         self._finish_model(model, dtype, pooling)
         self._dim = int(cfg.hidden_size)
+        self._prompts = read_prompts(path)
         self._tok = self._tokenizer_from(path, self._max_len)
 
     def _load_random(self, shape: str, dtype: Any) -> None:
@@ -314,6 +343,7 @@ class LocalBackend(Backend):
         if dtype != self._torch.float32:
             st = st.to(dtype)
         self._st = st
+        self._prompts = dict(getattr(st, "prompts", None) or {})
         get_dim: Any = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
         self._dim = int(get_dim())
 
@@ -369,6 +399,8 @@ class LocalBackend(Backend):
         n = len(texts)
         if n == 0:
             return np.zeros((0, self._dim), dtype=np.float32)
+        if self._prompt:
+            texts = [self._prompt + t for t in texts]
         fwd = self._fwd
         if fwd is None:
             with self._lock, torch.inference_mode():
@@ -379,6 +411,8 @@ class LocalBackend(Backend):
                     normalize_embeddings=self.normalize,
                     show_progress_bar=False,
                 )
+            if self.options.dimensions is not None:
+                vecs = truncate(np.asarray(vecs), self.options.dimensions, self.normalize)
             return check_vectors(np.asarray(vecs, dtype=np.float32), n, self._dim)
 
         t0 = time.perf_counter()

@@ -100,6 +100,7 @@ class Forward:
         self.device = device
         self.pooling = pooling
         self.normalize = normalize
+        self.dims: int | None = None  # keep the first N dimensions (Matryoshka), before normalising
         self.mask4d = False
         self.lean: LeanBert | None = None
         self.graphs_on = False
@@ -221,6 +222,8 @@ class Forward:
         else:
             summed = torch.bmm(mask.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1).float()
             pooled = summed / lens.to(torch.float32).clamp(min=1.0).unsqueeze(1)
+        if self.dims is not None:
+            pooled = pooled[:, : self.dims]
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
         return pooled

@@ -141,3 +141,14 @@ def _fast_layout(path: Path) -> tuple[str, int] | None:
     ):
         return None
     return pooling, int(sbert.get("max_seq_length") or 512)
+
+
+def read_prompts(path: Path) -> dict[str, str]:
+    """The sentence-transformers ``prompts`` of a model directory (``config_sentence_transformers.json``)."""
+    try:
+        prompts = json.loads((path / "config_sentence_transformers.json").read_text()).get("prompts")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(prompts, dict):
+        return {}
+    return {str(k): str(v) for k, v in prompts.items()}
