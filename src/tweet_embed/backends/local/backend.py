@@ -31,9 +31,12 @@ from tweet_embed.backends.local.spec import (
     MINILM_ALIASES,
     MINILM_ID,
     RANDOM_SHAPES,
+    RANDOM_XLMR_SHAPES,
+    XLMR_VOCAB,
     _fast_layout,
     minilm_dir,
     read_prompts,
+    xlmr_tokenizer_file,
 )
 from tweet_embed.backends.local.tokenizer import (
     default_tokenizer_workers,
@@ -244,11 +247,12 @@ class LocalBackend(Backend):
         return table[spec]
 
     def _tokenizer_from(self, path: Path, max_len: int) -> Any:
+        """The tokenizer of a model directory (or a ``tokenizer.json`` file itself)."""
         try:
             import tokenizers  # noqa: F401
         except ImportError as e:
             raise BackendError(f"the local backend needs tokenizers: {INSTALL_HINT}") from e
-        self._tok_path = str(path / "tokenizer.json")
+        self._tok_path = str(path if path.suffix == ".json" else path / "tokenizer.json")
         tok = load_tokenizer(self._tok_path, max_len)
         self._enc = fast_tokenizer(tok)
         return tok
@@ -303,15 +307,17 @@ class LocalBackend(Backend):
             from transformers import BertConfig, BertModel
         except ImportError as e:
             raise BackendError(f"the local backend needs transformers: {INSTALL_HINT}") from e
+        if shape in RANDOM_XLMR_SHAPES:
+            self._load_random_xlmr(*RANDOM_XLMR_SHAPES[shape], dtype)
+            return
         if shape in RANDOM_SHAPES:
             layers, hidden, heads, inter = RANDOM_SHAPES[shape]
         elif m := _RANDOM_LH.match(shape):
             layers, hidden = int(m.group(1)), int(m.group(2))
             heads, inter = max(1, hidden // 64), 4 * hidden
         else:
-            raise BackendError(
-                f"unknown random shape {shape!r}: {', '.join(RANDOM_SHAPES)} or L<layers>-H<hidden>"
-            )
+            known = ", ".join([*RANDOM_SHAPES, *RANDOM_XLMR_SHAPES])
+            raise BackendError(f"unknown random shape {shape!r}: {known} or L<layers>-H<hidden>")
         tok_dir = minilm_dir()
         cfg = BertConfig(
             vocab_size=30522,
@@ -328,6 +334,33 @@ class LocalBackend(Backend):
         self._finish_model(model, dtype, "mean")
         self._max_len, self._dim = 256, hidden
         self._tok = self._tokenizer_from(tok_dir, self._max_len)
+
+    def _load_random_xlmr(self, layers: int, hidden: int, heads: int, inter: int, dtype: Any) -> None:
+        """An XLM-RoBERTa of that shape with seeded random weights, XLM-R's vocabulary size and a Unigram
+        tokenizer (:func:`~.spec.xlmr_tokenizer_file`), mean pooling, 512 tokens (as multilingual-e5)."""
+        torch = self._torch
+        from transformers import XLMRobertaConfig, XLMRobertaModel
+
+        cfg = XLMRobertaConfig(
+            vocab_size=XLMR_VOCAB,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=inter,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(self._device):
+            model = XLMRobertaModel(cfg, add_pooling_layer=False)
+        self._finish_model(model, dtype, "mean")
+        self._max_len, self._dim = 512, hidden
+        self._tok = self._tokenizer_from(xlmr_tokenizer_file(), self._max_len)
 
     def _load_st(self, name: str, dtype: Any, offline: bool) -> None:
         if offline:

@@ -1,6 +1,6 @@
 """The model's forward on one device: ids and lengths in, pooled (and normalised) vectors out.
 
-:class:`LeanBert` (a BERT encoder in a few torch calls per layer, checked against transformers' forward when the
+:class:`LeanBert` (a BERT or XLM-R encoder in a few torch calls per layer, checked against transformers' forward when the
 model loads and dropped if it differs) and CUDA graphs per batch shape.
 """
 
@@ -11,9 +11,13 @@ from typing import Any
 
 log = logging.getLogger("tweet_embed")
 
+ROBERTA_TYPES = ("roberta", "xlm-roberta")  # BERT's layers, positions counted past the padding id
+
 
 class LeanBert:
-    """BERT encoder forward in a dozen torch calls per layer, on the weights of a transformers ``BertModel``.
+    """BERT encoder forward in a dozen torch calls per layer, on the weights of a transformers ``BertModel``, or
+    of a RoBERTa / XLM-RoBERTa model (the same layers; positions counted past the padding id, as transformers
+    does: multilingual-e5, paraphrase-multilingual-*, bge-m3's dense output).
 
     Why: transformers' module forward costs several milliseconds of Python per batch (hooks, mask helpers,
     attention dispatch), which for a small model on a GPU is longer than the GPU work itself: MiniLM batches
@@ -28,6 +32,10 @@ class LeanBert:
         emb = model.embeddings
         self.hidden = int(cfg.hidden_size)
         self.heads = int(cfg.num_attention_heads)
+        # RoBERTa / XLM-R count positions from padding_idx + 1 over the non-pad tokens (BERT: from 0)
+        self.pad: int | None = None
+        if getattr(cfg, "model_type", "") in ROBERTA_TYPES:
+            self.pad = int(cfg.pad_token_id)
         self.word = emb.word_embeddings.weight
         self.pos = emb.position_embeddings.weight
         self.type0 = emb.token_type_embeddings.weight[0]
@@ -61,7 +69,7 @@ class LeanBert:
         cfg = getattr(model, "config", None)
         return (
             cfg is not None
-            and getattr(cfg, "model_type", "") == "bert"
+            and getattr(cfg, "model_type", "") in ("bert", *ROBERTA_TYPES)
             and getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute")
             and getattr(cfg, "hidden_act", "") == "gelu"
             and not getattr(cfg, "is_decoder", False)
@@ -71,11 +79,17 @@ class LeanBert:
 
     def __call__(self, ids: Any, mask: Any) -> Any:
         """ids (B, L) int, mask (B, 1, 1, L) bool (True = attend) -> last hidden state (B, L, H)."""
+        import torch
         import torch.nn.functional as F  # noqa: N812
 
         b, length = ids.shape
         h, nh = self.hidden, self.heads
-        x = F.embedding(ids, self.word) + (self.pos[:length] + self.type0)
+        if self.pad is None:
+            x = F.embedding(ids, self.word) + (self.pos[:length] + self.type0)
+        else:  # as transformers' create_position_ids_from_input_ids
+            keep = (ids != self.pad).int()
+            positions = (keep.cumsum(1, dtype=torch.int32) * keep).long() + self.pad
+            x = F.embedding(ids, self.word) + F.embedding(positions, self.pos) + self.type0
         x = F.layer_norm(x, (h,), *self.emb_ln[:2], eps=self.emb_ln[2])
         for qkv_w, qkv_b, o_w, o_b, ln1, i_w, i_b, f_w, f_b, ln2 in self.layers:
             q, k, v = (
@@ -113,6 +127,7 @@ class Forward:
         """Use a ready 4-D boolean mask when this transformers version takes one and gives the same vectors."""
         torch = self._torch
         ids = torch.tensor([[101, 7592, 2088, 102], [101, 102, 0, 0]], dtype=torch.int32, device=self.device)
+        ids %= self._vocab()  # a small model's table may end below these ids
         lens = torch.tensor([4, 2], dtype=torch.int32, device=self.device)
         with torch.inference_mode():
             self.mask4d = False
@@ -130,7 +145,8 @@ class Forward:
         if not LeanBert.supports(self.model):
             return
         g = torch.Generator(device="cpu").manual_seed(1)
-        ids = torch.randint(1000, 20000, (3, 24), generator=g, dtype=torch.int32).to(self.device)
+        top = min(20000, self._vocab())
+        ids = torch.randint(min(1000, top // 2), top, (3, 24), generator=g, dtype=torch.int32).to(self.device)
         lens = torch.tensor([24, 9, 1], dtype=torch.int32, device=self.device)
         try:
             with torch.inference_mode():
@@ -144,6 +160,9 @@ class Forward:
         except Exception as exc:  # noqa: BLE001 - any surprise: keep the transformers forward
             log.warning("lean BERT forward unavailable (%s): using transformers'", exc)
             self.lean = None
+
+    def _vocab(self) -> int:
+        return int(getattr(self.model.config, "vocab_size", 0) or 30522)
 
     def _dtype_is_half(self) -> bool:
         return next(self.model.parameters()).dtype != self._torch.float32

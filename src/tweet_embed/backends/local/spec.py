@@ -8,7 +8,9 @@ Model specs:
   Transformer + mean/CLS Pooling (+ Normalize), otherwise ``SentenceTransformer.encode``.
 - any other id: loaded through sentence-transformers as usual (may download) and encoded with ``encode``.
 - ``random:<shape>`` (benchmarking aid): a BERT of that shape with seeded random weights, MiniLM's tokenizer and
-  mean pooling. Shapes: ``minilm`` (6x384), ``bert-base`` (12x768), ``bert-large`` (24x1024), or ``L<n>-H<d>``.
+  mean pooling. Shapes: ``minilm`` (6x384), ``bert-base`` (12x768), ``bert-large`` (24x1024), or ``L<n>-H<d>``;
+  ``xlmr-base`` (12x768) and ``xlmr-large`` (24x1024): an XLM-RoBERTa with XLM-R's vocabulary size and an offline
+  Unigram tokenizer (:func:`xlmr_tokenizer_file`), 512 tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ RANDOM_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "bert-base": (12, 768, 12, 3072),
     "bert-large": (24, 1024, 16, 4096),
 }
+# XLM-RoBERTa shapes (multilingual-e5-base / -large, paraphrase-multilingual-mpnet's XLM-R, bge-m3's encoder)
+RANDOM_XLMR_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "xlmr-base": (12, 768, 12, 3072),
+    "xlmr-large": (24, 1024, 16, 4096),
+}
+XLMR_VOCAB = 250002  # XLM-R's embedding table, so the random model has the real one's size
 _RANDOM_LH = re.compile(r"^L(\d+)-H(\d+)$")
 
 
@@ -78,6 +86,8 @@ def model_width(spec: str | None) -> int | None:
         shape = spec[len("random:") :]
         if shape in RANDOM_SHAPES:
             return RANDOM_SHAPES[shape][1]
+        if shape in RANDOM_XLMR_SHAPES:
+            return RANDOM_XLMR_SHAPES[shape][1]
         m = _RANDOM_LH.match(shape)
         return int(m.group(2)) if m else None
     cfg = Path(spec).expanduser() / "config.json"
@@ -152,3 +162,49 @@ def read_prompts(path: Path) -> dict[str, str]:
     if not isinstance(prompts, dict):
         return {}
     return {str(k): str(v) for k, v in prompts.items()}
+
+
+def xlmr_tokenizer_file() -> Path:
+    """A SentencePiece-style Unigram ``tokenizer.json`` for ``random:xlmr-*``, made offline and deterministically.
+
+    XLM-R's own tokenizer cannot be fetched here; this one has its pipeline (NFKC, runs of spaces collapsed,
+    Metaspace ``▁`` words, a Unigram model, ``<s> … </s>``, ids 0-3 ``<s> <pad> </s> <unk>``) over MiniLM's
+    WordPiece vocabulary turned into pieces (``word`` → ``▁word``, ``##ing`` → ``ing``), lowercased as that
+    vocabulary is. Token counts and tokenizer CPU resemble XLM-R's; the ids mean nothing (random weights).
+    Written once per vocabulary under the temp directory.
+    """
+    import hashlib
+    import math
+    import tempfile
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab_file = minilm_dir() / "vocab.txt"
+    words = vocab_file.read_text(encoding="utf-8").split("\n")
+    digest = hashlib.sha256("\n".join(words).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"tweet-embed-xlmr-tokenizer-{digest}.json"
+    if path.is_file():
+        return path
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    pieces: dict[str, float] = {}
+    for rank, w in enumerate(words):
+        if not w or (w.startswith("[") and w.endswith("]")):
+            continue
+        piece = w[2:] if w.startswith("##") else "\u2581" + w
+        pieces.setdefault(piece, -math.log(rank + 2))
+    pieces.setdefault("\u2581", -2.0)
+    vocab = [(t, 0.0) for t in specials] + list(pieces.items()) + [("<mask>", 0.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFKC(), normalizers.Lowercase(), normalizers.Replace(Regex(" {2,}"), " ")]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tok.add_special_tokens(specials + ["<mask>"])
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)  # atomic: processes building it at once all read a whole file
+    return path
