@@ -61,7 +61,7 @@ class VectorOptions:
 
 def truncate(vectors: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
     """The first ``dimensions`` columns, renormalised to unit length when ``normalize`` (a new array)."""
-    out = np.ascontiguousarray(vectors[:, :dimensions], dtype=np.float32)
+    out = np.array(vectors[:, :dimensions], dtype=np.float32, order="C")  # a copy, whatever came in
     if normalize:
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, np.maximum(norms, 1e-12), out=out)
