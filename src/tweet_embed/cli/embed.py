@@ -34,12 +34,20 @@ Re-running the same command resumes after the last finished chunk.
 """
 
 
-def add_embed_parser(sub: argparse._SubParsersAction) -> None:
+def add_embed_parser(
+    sub: argparse._SubParsersAction, name: str = "embed", **kw: str
+) -> argparse.ArgumentParser:
+    """The ``embed`` parser; ``plan`` (cli/plan.py) builds its own from it, so it takes every embed option."""
     p = sub.add_parser(
-        "embed",
-        help="embed tweets (JSONL, JSON array, CSV/TSV, Parquet, twarc2) into Parquet shards (resumable)",
-        description="Embed records ({_id, text}, Twitter API objects...) into Parquet shards.",
-        epilog=EMBED_EXAMPLES,
+        name,
+        help=kw.get(
+            "help",
+            "embed tweets (JSONL, JSON array, CSV/TSV, Parquet, twarc2) into Parquet shards (resumable)",
+        ),
+        description=kw.get(
+            "description", "Embed records ({_id, text}, Twitter API objects...) into Parquet shards."
+        ),
+        epilog=kw.get("epilog", EMBED_EXAMPLES),
         formatter_class=Formatter,
     )
     p.add_argument(
@@ -198,6 +206,7 @@ def add_embed_parser(sub: argparse._SubParsersAction) -> None:
         help="CPUs reserved by each chunk task (server backends)",
     )
     p.set_defaults(func=cmd_embed)
+    return p
 
 
 def _all_cores() -> int:
@@ -306,6 +315,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
             cpus_per_task=args.ray_cpus_per_task,
             workers_per_gpu=args.workers_per_device or 1,  # actors sharing each GPU
         )
+    if getattr(args, "plan_only", False):  # `tweet-embed plan`: the same options, a report instead of a run
+        from tweet_embed.cli.plan import run_plan
+
+        return run_plan(args, opts, spec)
     urls = [
         redact_url(u.strip())
         for v in (args.tei_urls or []) + (args.openai_urls or [])
@@ -372,5 +385,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from tweet_embed.cli.plan import add_plan_parser
+
     add_embed_parser(sub)
+    add_plan_parser(sub)
     add_status_parser(sub)
