@@ -22,6 +22,7 @@ log = logging.getLogger("tweet_embed")
 # trimmed install, so they are imported by name.
 _REGISTRARS: list[str] = [
     "tweet_embed.cli.embed",
+    "tweet_embed.cli.plan",
     "tweet_embed.cli.consolidate",
     "tweet_embed.cli.export",
 ]

@@ -315,10 +315,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
             cpus_per_task=args.ray_cpus_per_task,
             workers_per_gpu=args.workers_per_device or 1,  # actors sharing each GPU
         )
-    if getattr(args, "plan_only", False):  # `tweet-embed plan`: the same options, a report instead of a run
-        from tweet_embed.cli.plan import run_plan
-
-        return run_plan(args, opts, spec)
+    plan_runner = getattr(args, "plan_runner", None)  # `tweet-embed plan` (cli/plan.py): same options, no run
+    if plan_runner is not None:
+        return int(plan_runner(args, opts, spec))
     urls = [
         redact_url(u.strip())
         for v in (args.tei_urls or []) + (args.openai_urls or [])
@@ -385,8 +384,5 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from tweet_embed.cli.plan import add_plan_parser
-
     add_embed_parser(sub)
-    add_plan_parser(sub)
     add_status_parser(sub)

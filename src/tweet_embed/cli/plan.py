@@ -41,7 +41,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help="send real batches of sampled texts for this long to measure docs/s (0: skip)",
     )
     g.add_argument("--sample-lines", type=int, default=10_000, help="at least this many lines sampled")
-    p.set_defaults(plan_only=True)
+    p.set_defaults(plan_runner=run_plan)  # cmd_embed builds the options, then hands them to run_plan
 
 
 def run_plan(args: argparse.Namespace, opts: Any, spec: Any) -> int:
@@ -69,3 +69,7 @@ def run_plan(args: argparse.Namespace, opts: Any, spec: Any) -> int:
     else:
         print(format_table(report))
     return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    add_plan_parser(sub)
