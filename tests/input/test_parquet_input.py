@@ -244,7 +244,16 @@ def test_filters_on_parquet_rows_use_the_lang_column(tmp_path) -> None:
     table = pa.table(
         {
             "_id": [str(i) for i in range(8)],
-            "text": ["hello world", "RT @a: hi there", "ok", "bonjour monde", "hola mundo", None, "fine text", "x"],
+            "text": [
+                "hello world",
+                "RT @a: hi there",
+                "ok",
+                "bonjour monde",
+                "hola mundo",
+                None,
+                "fine text",
+                "x",
+            ],
             "lang": ["en", "en", "en", "fr", "es", "en", "en", None],
         }
     )

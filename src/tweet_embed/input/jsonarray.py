@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from tweet_embed.input.records import BOM, InputError, ParsedBlock
+from tweet_embed.input.records import BOM, InputError, ParsedBlock, clean_records, gc_paused
 from tweet_embed.input.rules import (
     DEFAULT_RULES,
     NeedsExactInts,
@@ -289,20 +289,26 @@ def parse_array_block(
     body = data.rstrip(_WS)
     if body.endswith(b","):
         body = body[:-1]
-    try:
-        objs = orjson.loads(b"[" + body + b"]")
-    except orjson.JSONDecodeError:
-        objs = None
-    if objs is not None:
-        block = ParsedBlock([], [], [], [])
+    with gc_paused():
         try:
-            for k, obj in enumerate(objs):
-                result = extract(obj, id_field, text_field, rules, tweets)
-                raw = None if isinstance(result, tuple | Skip) else orjson.dumps(obj, default=str)
-                add_result(block, result, first_record + k, file_label, raw)
-            return block
-        except NeedsExactInts:
-            pass
+            objs = orjson.loads(b"[" + body + b"]")
+        except orjson.JSONDecodeError:
+            objs = None
+        if objs is not None:
+            plain = not tweets and not rules.filters and "." not in id_field + text_field
+            found = clean_records(objs, id_field, text_field) if plain else None
+            if found is not None:
+                lines = list(range(first_record, first_record + len(objs)))
+                return ParsedBlock(found[0], found[1], lines, [])
+            block = ParsedBlock([], [], [], [])
+            try:
+                for k, obj in enumerate(objs):
+                    result = extract(obj, id_field, text_field, rules, tweets)
+                    raw = None if isinstance(result, tuple | Skip) else orjson.dumps(obj, default=str)
+                    add_result(block, result, first_record + k, file_label, raw)
+                return block
+            except NeedsExactInts:
+                pass
     block = ParsedBlock([], [], [], [])
     for k, raw in enumerate(split_elements(data)):
         result = record_from_raw(raw, id_field, text_field, rules, tweets)
