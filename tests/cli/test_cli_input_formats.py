@@ -247,6 +247,8 @@ def test_filters_are_counted_in_summary_and_status_and_survive_resume(tmp_path, 
         "--lang",
         "en",
         "--skip-retweets",
+        "--text-mode",
+        "raw",
         "--min-text-length",
         "5",
     ]
@@ -264,6 +266,10 @@ def test_filters_are_counted_in_summary_and_status_and_survive_resume(tmp_path, 
     st = run_cli("status", "--work-dir", str(tmp_path / "w"))
     assert f"skipped by filters: {sum(skipped.values())} ({text})" in st.stdout
     assert "v2.json (60 records)" in st.stdout
+    from tweet_embed.parquet import read_metadata
+
+    shards = glob.glob(str(tmp_path / "w" / "shards" / "*.parquet"))
+    assert shards and all(read_metadata(p).get("text_mode") == "raw" for p in shards)
 
 
 @pytest.mark.parametrize("kind", ["json.gz", "csv"])

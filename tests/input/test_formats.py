@@ -69,6 +69,7 @@ def test_parquet_without_its_suffix_is_found_by_its_magic(tmp_path) -> None:
         ("t.csv", "jsonl", "looks like CSV, not JSON Lines: use --format csv"),
         ("lines.jsonl", "parquet", "is not a Parquet file"),
         ("twarc2.jsonl", "json", "looks like twarc2"),
+        ("lines.jsonl", "twarc2", "looks like JSON Lines, not twarc2"),
     ],
 )
 def test_a_file_that_is_not_what_format_claims(tmp_path, name, forced, message) -> None:

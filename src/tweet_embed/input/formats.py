@@ -213,6 +213,7 @@ def _check_claim(label: str, forced: str, kind: str | None) -> None:
     clash = (
         (forced == "jsonl" and kind == "json")
         or (forced == "json" and kind in ("jsonl", "twarc2"))
+        or (forced == "twarc2" and kind in ("json", "jsonl"))  # records without a data array
         or (forced in ("csv", "tsv") and kind in json_kinds)
         or (forced in json_kinds and kind in ("csv", "tsv"))
     )
