@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import orjson
@@ -29,11 +29,8 @@ import orjson
 from tweet_embed.input.records import BOM, InputError, ParsedBlock, clean_records, gc_paused
 from tweet_embed.input.rules import (
     DEFAULT_RULES,
-    NeedsExactInts,
     Rules,
-    Skip,
     add_result,
-    extract,
     record_from_raw,
 )
 
@@ -251,9 +248,8 @@ def scan_array(read: Callable[[int], bytes], chunk_records: int, label: str) -> 
     return ArrayScan(chunks, records)
 
 
-def split_elements(data: bytes) -> list[bytes]:
-    """The elements of a chunk's bytes (each without separator and surrounding whitespace)."""
-    out: list[bytes] = []
+def split_elements(data: bytes) -> Iterator[bytes]:
+    """The elements of a chunk's bytes (each without separator and surrounding whitespace), one at a time."""
     pos = 0
     n = len(data)
     fast = _UNSAFE not in data
@@ -262,13 +258,13 @@ def split_elements(data: bytes) -> list[bytes]:
         while pos < n and data[pos] in _WS:
             pos += 1
         if pos >= n:
-            return out
+            return
         m = match_element(data, pos, fast)
         if m is not None:
             end = m.end()
         else:
             end, _ = _element_end(data, pos, True)
-        out.append(data[pos : end - 1].rstrip(_WS))
+        yield data[pos : end - 1].rstrip(_WS)
         pos = end
 
 
@@ -283,32 +279,26 @@ def parse_array_block(
 ) -> ParsedBlock:
     """Parse a chunk of array elements; the ``line`` of each record and reject is its record number.
 
-    The whole chunk is one ``orjson.loads`` (C speed); when that fails (one malformed element, a lone
-    surrogate escape) or an id needs exact big integers, element by element, so only the bad one is rejected.
+    Plain records: the whole chunk in one ``orjson.loads`` and a few C-speed passes (as JSONL's clean-block
+    path). Anything else — Twitter objects, filters, a malformed element, a lone surrogate escape, an id that
+    needs exact big integers — element by element, so memory holds one decoded record at a time (a chunk of
+    10,000 v1.1 tweets decoded at once is hundreds of MB of Python objects) and only a bad element is rejected.
     """
-    body = data.rstrip(_WS)
-    if body.endswith(b","):
-        body = body[:-1]
-    with gc_paused():
-        try:
-            objs = orjson.loads(b"[" + body + b"]")
-        except orjson.JSONDecodeError:
-            objs = None
-        if objs is not None:
-            plain = not tweets and not rules.filters and "." not in id_field + text_field
-            found = clean_records(objs, id_field, text_field) if plain else None
-            if found is not None:
-                lines = list(range(first_record, first_record + len(objs)))
-                return ParsedBlock(found[0], found[1], lines, [])
-            block = ParsedBlock([], [], [], [])
+    if not tweets and not rules.filters and "." not in id_field + text_field:
+        body = data.rstrip(_WS)
+        if body.endswith(b","):
+            body = body[:-1]
+        with gc_paused():
             try:
-                for k, obj in enumerate(objs):
-                    result = extract(obj, id_field, text_field, rules, tweets)
-                    raw = None if isinstance(result, tuple | Skip) else orjson.dumps(obj, default=str)
-                    add_result(block, result, first_record + k, file_label, raw)
-                return block
-            except NeedsExactInts:
-                pass
+                objs = orjson.loads(b"[" + body + b"]")
+            except orjson.JSONDecodeError:
+                objs = None
+            found = clean_records(objs, id_field, text_field) if isinstance(objs, list) else None
+        if found is not None:
+            return ParsedBlock(
+                found[0], found[1], list(range(first_record, first_record + len(found[0]))), []
+            )
+        del objs
     block = ParsedBlock([], [], [], [])
     for k, raw in enumerate(split_elements(data)):
         result = record_from_raw(raw, id_field, text_field, rules, tweets)
