@@ -23,6 +23,7 @@ log = logging.getLogger("tweet_embed")
 _REGISTRARS: list[str] = [
     "tweet_embed.cli.embed",
     "tweet_embed.cli.plan",
+    "tweet_embed.cli.report",
     "tweet_embed.cli.consolidate",
     "tweet_embed.cli.export",
 ]

@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import itertools
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from typing import Any
 
 import orjson
 
+from tweet_embed import storage
 from tweet_embed.backends import BackendSpec
 from tweet_embed.backends.base import Backend
 from tweet_embed.backends.pool import BatchRefused
@@ -44,6 +46,7 @@ from tweet_embed.embed.chunks import Chunk, Plan, done_markers, finished_chunks,
 from tweet_embed.embed.options import EmbedOptions
 from tweet_embed.embed.telemetry import reject_kind
 
+ESTIMATE_NAME = "estimate.json"  # the last plan's report, in the progress dir
 SAMPLE_CHUNKS = 20
 TOKENIZE_TEXTS = 10_000
 
@@ -256,7 +259,27 @@ async def make_estimate(
     out["consolidated_bytes"] = round(valid_rows * (4 * dim + 8 + idb))
     out["bigquery_bytes"] = round(valid_rows * (8 * dim + idb + 2))
     out["vector_search_scan_bytes"] = round(valid_rows * 8 * dim)
+    out["made_at"] = round(time.time(), 3)
+    # Kept beside the journal so `tweet-embed report` can put the estimate beside what the run did.
+    storage.write_bytes(estimate_path(dirs.progress), orjson.dumps(out, option=orjson.OPT_INDENT_2))
     return out
+
+
+def estimate_path(progress_dir: str) -> str:
+    return (
+        storage.join(progress_dir, ESTIMATE_NAME)
+        if storage.is_uri(progress_dir)
+        else os.path.join(progress_dir, ESTIMATE_NAME)
+    )
+
+
+def read_estimate(progress_dir: str) -> dict[str, Any] | None:
+    data = storage.read_bytes(estimate_path(progress_dir))
+    try:
+        obj = orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _size(n: float | None) -> str:
