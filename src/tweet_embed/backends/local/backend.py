@@ -35,6 +35,7 @@ from tweet_embed.backends.local.spec import (
     XLMR_VOCAB,
     _fast_layout,
     minilm_dir,
+    random_xlmr_shape,
     read_prompts,
     xlmr_tokenizer_file,
 )
@@ -307,8 +308,8 @@ class LocalBackend(Backend):
             from transformers import BertConfig, BertModel
         except ImportError as e:
             raise BackendError(f"the local backend needs transformers: {INSTALL_HINT}") from e
-        if shape in RANDOM_XLMR_SHAPES:
-            self._load_random_xlmr(*RANDOM_XLMR_SHAPES[shape], dtype)
+        if (xlmr := random_xlmr_shape(shape)) is not None:
+            self._load_random_xlmr(*xlmr, dtype)
             return
         if shape in RANDOM_SHAPES:
             layers, hidden, heads, inter = RANDOM_SHAPES[shape]
@@ -317,7 +318,9 @@ class LocalBackend(Backend):
             heads, inter = max(1, hidden // 64), 4 * hidden
         else:
             known = ", ".join([*RANDOM_SHAPES, *RANDOM_XLMR_SHAPES])
-            raise BackendError(f"unknown random shape {shape!r}: {known} or L<layers>-H<hidden>")
+            raise BackendError(
+                f"unknown random shape {shape!r}: {known}, L<layers>-H<hidden> or xlmr-L<layers>-H<hidden>"
+            )
         tok_dir = minilm_dir()
         cfg = BertConfig(
             vocab_size=30522,

@@ -9,7 +9,7 @@ Model specs:
 - any other id: loaded through sentence-transformers as usual (may download) and encoded with ``encode``.
 - ``random:<shape>`` (benchmarking aid): a BERT of that shape with seeded random weights, MiniLM's tokenizer and
   mean pooling. Shapes: ``minilm`` (6x384), ``bert-base`` (12x768), ``bert-large`` (24x1024), or ``L<n>-H<d>``;
-  ``xlmr-base`` (12x768) and ``xlmr-large`` (24x1024): an XLM-RoBERTa with XLM-R's vocabulary size and an offline
+  ``xlmr-base`` (12x768), ``xlmr-large`` (24x1024) or ``xlmr-L<n>-H<d>``: an XLM-RoBERTa with XLM-R's vocabulary size and an offline
   Unigram tokenizer (:func:`xlmr_tokenizer_file`), 512 tokens.
 """
 
@@ -39,6 +39,18 @@ RANDOM_XLMR_SHAPES: dict[str, tuple[int, int, int, int]] = {
 }
 XLMR_VOCAB = 250002  # XLM-R's embedding table, so the random model has the real one's size
 _RANDOM_LH = re.compile(r"^L(\d+)-H(\d+)$")
+_RANDOM_XLMR_LH = re.compile(r"^xlmr-L(\d+)-H(\d+)$")  # e.g. xlmr-L2-H128 (quick runs of the benchmark)
+
+
+def random_xlmr_shape(shape: str) -> tuple[int, int, int, int] | None:
+    """(layers, hidden, heads, intermediate) of an XLM-R ``random:`` shape, None if it is not one."""
+    if shape in RANDOM_XLMR_SHAPES:
+        return RANDOM_XLMR_SHAPES[shape]
+    m = _RANDOM_XLMR_LH.match(shape)
+    if m is None:
+        return None
+    layers, hidden = int(m.group(1)), int(m.group(2))
+    return layers, hidden, max(1, hidden // 64), 4 * hidden
 
 
 def resolve_devices(spec: str | None) -> list[str]:
@@ -86,8 +98,8 @@ def model_width(spec: str | None) -> int | None:
         shape = spec[len("random:") :]
         if shape in RANDOM_SHAPES:
             return RANDOM_SHAPES[shape][1]
-        if shape in RANDOM_XLMR_SHAPES:
-            return RANDOM_XLMR_SHAPES[shape][1]
+        if (xlmr := random_xlmr_shape(shape)) is not None:
+            return xlmr[1]
         m = _RANDOM_LH.match(shape)
         return int(m.group(2)) if m else None
     cfg = Path(spec).expanduser() / "config.json"
