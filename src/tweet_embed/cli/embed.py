@@ -162,7 +162,13 @@ def add_embed_parser(
         metavar="N",
         help="leave out texts shorter than N characters (surrounding whitespace not counted)",
     )
-    g.add_argument("--chunk-size", type=int, default=10_000, help="input lines per chunk (one shard each)")
+    g.add_argument(
+        "--chunk-size",
+        type=int,
+        default=10_000,
+        help="records per chunk, one shard each: JSONL lines, JSON array elements, CSV/Parquet rows, "
+        "twarc2 tweets (whole lines)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--dedupe-texts", action="store_true", help="embed identical texts in a chunk once")
     g.add_argument("--restart", action="store_true", help="forget earlier progress in these directories")
