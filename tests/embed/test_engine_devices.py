@@ -190,3 +190,40 @@ def test_model_width() -> None:
     assert model_width("random:L2-H128") == 128
     assert model_width("random:nonsense") is None
     assert model_width("BAAI/bge-m3") is None
+
+
+def test_two_workers_read_arrays_and_csv_with_filters(tmp_path) -> None:
+    """Other formats through the device workers: the parent ships the bytes of a .json.gz array and a CSV, each
+    worker parses its chunks with the run's rules; every kept record once, the skips counted."""
+    import csv
+    import gzip
+    import json
+
+    from tweet_embed.input.rules import Rules
+
+    records = list(synth_tweets(600, seed=4))
+    with gzip.open(tmp_path / "a.json.gz", "wt") as fh:
+        json.dump(
+            [
+                {"_id": i, "text": t, "lang": "en" if k % 3 else "fr"}
+                for k, (i, t) in enumerate(records[:300])
+            ],
+            fh,
+        )
+    with open(tmp_path / "b.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["_id", "text", "lang"])
+        w.writerows(
+            (i, t + "\nwith a newline", "en" if k % 3 else "fr") for k, (i, t) in enumerate(records[300:])
+        )
+    kept = [(i, t) for k, (i, t) in enumerate(records[:300]) if k % 3]
+    kept += [(i, t + "\nwith a newline") for k, (i, t) in enumerate(records[300:]) if k % 3]
+    opts = options(tmp_path, str(tmp_path / "a.json.gz"))
+    opts.inputs.append(str(tmp_path / "b.csv"))
+    opts.rules = Rules(langs=("en",))
+    with TEIServer(dim=DIM) as srv:
+        s = run_embed(opts, BackendSpec(urls=(srv.embed_url,)))
+    assert s.rows == len(kept) and s.skipped == {"lang": 200}
+    ids, vecs = read_shards_of(str(tmp_path / "w" / "shards"))
+    assert ids == [r[0] for r in kept]
+    np.testing.assert_array_equal(vecs, expected_vectors([r[1] for r in kept], DIM))
