@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--max-concurrent-requests", type=int, default=512)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--calibrate", type=float, default=20.0)
+    p.add_argument(
+        "--report", help="also write `tweet-embed report` of the run here (HTML; the PNG beside it)"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "in.jsonl")
@@ -78,6 +81,13 @@ def main() -> None:
                 s.reset_counters()
             run, run_wall = cli("embed", src, "--tei-urls", urls, "--work-dir", work)
             sent = sum(s.counters["texts"] for s in procs)
+            journal = [
+                x for x in open(os.path.join(work, "progress", "events.jsonl"), "rb").read().splitlines()
+            ]
+            intervals = [x for x in journal if b'"event":"interval"' in x]
+            line_bytes = round(sum(len(x) + 1 for x in intervals) / max(1, len(intervals)))
+            if args.report:
+                cli("report", "--work-dir", work, "--out", args.report)
         finally:
             for s in procs:
                 s.stop()
@@ -102,6 +112,8 @@ def main() -> None:
         "texts_sent": sent,
         "plan_distinct_texts": report["distinct_texts"],
         "plan_valid_rows": report["valid_rows"],
+        "journal_interval_line_bytes": line_bytes,
+        "journal_bytes_per_24h_at_5s": line_bytes * 86400 // 5,
         "note": "shared 2-core machine: other processes ran at the same time",
     }
     print(json.dumps(out, indent=2))

@@ -10,8 +10,8 @@ invocation).  ``{"event": "start", ...}`` opens a run, ``{"event": "interval", .
 ``interval`` seconds, and ``{"event": "end", ...}`` closes a run that ended (a killed run has none).  An
 interval line holds cumulative counts (rows, texts sent, rejects by reason, retries by cause, chunks) and the
 interval's own figures (docs/s, each endpoint's p50/p95 latency and inputs answered, chunk durations).  Its
-size: about 450 bytes plus about 200 per endpoint, so a 24-hour run at the default 5 s interval with two
-servers writes about 17,280 × 850 B ≈ 15 MB (``bench``-free arithmetic; the test measures a line's size).
+size: about 600 bytes with two endpoints (``bench/plan_accuracy.py`` prints it), about 200 more per further
+endpoint, so a 24-hour run at the default 5 s interval with two servers writes about 17,280 × 600 B ≈ 10 MB.
 On an object store the journal is rewritten whole once a minute and at the end (objects cannot be appended).
 """
 
