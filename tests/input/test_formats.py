@@ -111,3 +111,16 @@ def test_one_bad_line_in_a_text_file_is_not_a_binary_file(tmp_path) -> None:
     p = tmp_path / "t.jsonl"
     p.write_bytes(jsonl(PLAIN) + b'{"_id": "x", "text": "\xff\xfe"}\n' + jsonl(PLAIN))
     assert detect(str(p)).kind == "jsonl"
+
+
+def test_a_first_line_longer_than_the_sample_is_read_whole(tmp_path) -> None:
+    """A twarc2 full-archive page (500 tweets with includes) can be several MiB on one line."""
+    tweets = [{**V2_SHORT, "id": str(k), "text": "x" * 3000} for k in range(500)]
+    line = orjson.dumps({"data": tweets, "includes": V2_INCLUDES, "meta": {"result_count": 500}})
+    assert len(line) > 1 << 20
+    p = tmp_path / "page.jsonl.gz"
+    p.write_bytes(gzip.compress(line + b"\n" + line + b"\n"))
+    assert detect(str(p)).kind == "twarc2"
+    q = tmp_path / "long.jsonl"
+    q.write_bytes(orjson.dumps({**V1_SHORT, "text": "y" * (2 << 20)}) + b"\n")
+    assert (detect(str(q)).kind, detect(str(q)).tweets) == ("jsonl", True)

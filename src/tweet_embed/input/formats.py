@@ -24,6 +24,7 @@ from tweet_embed.input.rules import DEFAULT_RULES, Rules, looks_like_tweets, par
 
 FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "parquet", "twarc2")
 HEAD_BYTES = 1 << 20
+FIRST_LINE_MAX = 64 << 20
 SAMPLE_RECORDS = 200
 
 _MAGIC = (
@@ -59,14 +60,19 @@ def _raw_head(path: str, n: int = 8) -> bytes:
 
 
 def _head(path: str) -> bytes:
-    """The first decompressed MiB; what could be read when the stream is damaged (the plan scan then
-    reports the damage with its line, as for any damaged file)."""
+    """The first decompressed MiB — or, when the file starts with an object, at least its whole first line (up
+    to 64 MiB: one twarc2 response of 500 tweets with its includes is several MiB); what could be read when
+    the stream is damaged (the plan scan then reports the damage with its line, as for any damaged file)."""
     parts: list[bytes] = []
     got = 0
     try:
         with open_binary(path) as fh:
-            while got < HEAD_BYTES:
-                part = fh.read(min(1 << 16, HEAD_BYTES - got))
+            while got < HEAD_BYTES or (
+                got < FIRST_LINE_MAX
+                and parts[0].lstrip(BOM + b" \t\r\n")[:1] == b"{"
+                and b"\n" not in parts[-1]
+            ):
+                part = fh.read(1 << 16)
                 if not part:
                     break
                 parts.append(part)
@@ -102,7 +108,7 @@ def _looks_binary(head: bytes) -> str | None:
 
 def _first_lines(head: bytes, n: int) -> list[bytes]:
     lines = [ln.strip() for ln in head.split(b"\n")]
-    if len(head) >= HEAD_BYTES:
+    if len(head) >= HEAD_BYTES and not head.endswith(b"\n"):
         lines = lines[:-1]  # possibly cut
     return [ln for ln in lines if ln][:n]
 
