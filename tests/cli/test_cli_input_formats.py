@@ -270,6 +270,12 @@ def test_filters_are_counted_in_summary_and_status_and_survive_resume(tmp_path, 
 
     shards = glob.glob(str(tmp_path / "w" / "shards" / "*.parquet"))
     assert shards and all(read_metadata(p).get("text_mode") == "raw" for p in shards)
+    # verify reads the input with the same filters: the filtered rows are not missing; without them they are
+    filters = args[args.index("--lang") :]
+    v = run_cli("verify", str(path), "--work-dir", str(tmp_path / "w"), *filters)
+    assert v.returncode == 0, v.stdout + v.stderr
+    v = run_cli("verify", str(path), "--work-dir", str(tmp_path / "w"))
+    assert v.returncode == 1 and str(sum(skipped.values())) in v.stdout, v.stdout
 
 
 @pytest.mark.parametrize("kind", ["json.gz", "csv"])

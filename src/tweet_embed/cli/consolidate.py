@@ -114,6 +114,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_dirs(p)
     p.add_argument("--id-field", default="_id")
     p.add_argument("--text-field", default="text")
+    from tweet_embed.cli.common import add_filter_options, add_format_options
+
+    g = p.add_argument_group("input format and filters: as given to embed (a filtered row is not expected)")
+    add_format_options(g)
+    add_filter_options(p)
     p.add_argument("--examples", type=int, default=10, help="example ids shown per problem")
     p.add_argument(
         "--no-checksums",
@@ -238,13 +243,20 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from tweet_embed.cli.common import rules_from_args
     from tweet_embed.consolidate.verify import VerifyError, verify
     from tweet_embed.input.records import InputError
 
     shards_dir, out_dir = _dirs(args)
+    rules = rules_from_args(args)
+    if isinstance(rules, str):
+        log.error("%s", rules)
+        return 2
     try:
         report = verify(
             args.inputs,
+            input_format=args.input_format,
+            rules=rules,
             out_dir=out_dir,
             shards_dir=shards_dir,
             id_field=args.id_field,

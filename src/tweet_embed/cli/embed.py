@@ -15,8 +15,11 @@ from tweet_embed.cli.common import (
     EXIT_USAGE,
     Formatter,
     add_dir_options,
+    add_filter_options,
+    add_format_options,
     at_least_one,
     dirs_from_args,
+    rules_from_args,
 )
 
 log = logging.getLogger("tweet_embed")
@@ -130,13 +133,6 @@ def add_embed_parser(
     add_dir_options(p)
     g = p.add_argument_group("input and chunks")
     g.add_argument(
-        "--format",
-        dest="input_format",
-        choices=("auto", "jsonl", "json", "csv", "tsv", "parquet", "twarc2"),
-        default="auto",
-        help="input format; default: detected from each file's content (docs/input.md)",
-    )
-    g.add_argument(
         "--id-field", default="_id", help="id field, column, or dotted path (user.id_str); default _id"
     )
     g.add_argument(
@@ -145,23 +141,7 @@ def add_embed_parser(
         help="text field, column, or dotted path; for Twitter API objects the default 'text' means the "
         "tweet's whole text (see --text-mode)",
     )
-    g.add_argument(
-        "--text-mode",
-        choices=("full", "raw"),
-        default="full",
-        help="Twitter API objects: full = the whole text a reader sees (extended text, retweets rebuilt, "
-        "HTML entities unescaped); raw = the API's text field as is",
-    )
-    g = p.add_argument_group("filters (skipped rows are counted by reason, not rejected)")
-    g.add_argument("--lang", help="keep only records whose 'lang' is one of these, e.g. en,es")
-    g.add_argument("--skip-retweets", action="store_true", help="leave retweets out")
-    g.add_argument(
-        "--min-text-length",
-        type=int,
-        default=0,
-        metavar="N",
-        help="leave out texts shorter than N characters (surrounding whitespace not counted)",
-    )
+    add_format_options(g)
     g.add_argument(
         "--chunk-size",
         type=int,
@@ -169,6 +149,7 @@ def add_embed_parser(
         help="records per chunk, one shard each: JSONL lines, JSON array elements, CSV/Parquet rows, "
         "twarc2 tweets (whole lines)",
     )
+    add_filter_options(p)
     g = p.add_argument_group("run")
     g.add_argument("--dedupe-texts", action="store_true", help="embed identical texts in a chunk once")
     g.add_argument("--restart", action="store_true", help="forget earlier progress in these directories")
@@ -287,13 +268,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     elif args.devices:
         log.error("--devices is for --engine local; under Ray the actors are placed on the cluster's GPUs")
         return EXIT_USAGE
-    from tweet_embed.input.rules import Rules
-
-    langs = tuple(sorted({x.strip() for x in (args.lang or "").split(",") if x.strip()}))
-    if args.lang is not None and not langs:
-        log.error("--lang needs at least one language code, e.g. --lang en,es")
+    rules = rules_from_args(args)
+    if isinstance(rules, str):
+        log.error("%s", rules)
         return EXIT_USAGE
-    rules = Rules(args.text_mode, langs, args.skip_retweets, max(0, args.min_text_length))
     opts = EmbedOptions(
         inputs=inputs,
         input_format=args.input_format,

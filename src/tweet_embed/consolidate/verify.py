@@ -31,6 +31,7 @@ from tweet_embed.consolidate.layout import OUTPUT_RE, duckdb_connect, list_shard
 from tweet_embed.embed.chunks import InputFile, Plan, iter_chunk_bytes, make_plan
 from tweet_embed.embed.worker import ChunkOptions, read_block
 from tweet_embed.input.formats import parse_block
+from tweet_embed.input.rules import DEFAULT_RULES, Rules
 from tweet_embed.parquet import META_PREFIX, file_sha256
 
 ID_BATCH = 1_000_000
@@ -142,25 +143,29 @@ def _parse_ids(
     id_field: str,
     text_field: str,
     examples: int,
+    rules: Rules = DEFAULT_RULES,
 ) -> tuple[list[str], int, list[str]]:
     """Parse one text chunk (JSONL, array, CSV...) exactly as embed does; only ids and reject counts travel
     back."""
-    block = parse_block(
-        f.kind, data, first_line, f.label, id_field, text_field, tweets=f.tweets, header=f.header
-    )
+    block = parse_block(f.kind, data, first_line, f.label, id_field, text_field, rules, f.tweets, f.header)
     shown = [f"{os.path.basename(r.file)}:{r.line} {r.reason}" for r in block.rejects[:examples]]
     return block.ids, len(block.rejects), shown
 
 
 def iter_input_ids(
-    plan: Plan, id_field: str, text_field: str, examples: int = 10, workers: int | None = None
+    plan: Plan,
+    id_field: str,
+    text_field: str,
+    examples: int = 10,
+    workers: int | None = None,
+    rules: Rules = DEFAULT_RULES,
 ) -> Iterator[tuple[list[str], int, list[str]]]:
     """``(valid ids, rejects, reject examples)`` per chunk of the input, read through embed's own chunk plan.
 
     JSONL chunks are parsed in a process pool (parsing is the slow part: ~5 µs a line in Python); the bytes
     are read once, sequentially, also from .gz/.zst. Parquet inputs are read by row range as embed reads them.
     """
-    copts = ChunkOptions(id_field=id_field, text_field=text_field)
+    copts = ChunkOptions(id_field=id_field, text_field=text_field, rules=rules)
     for f in plan.files:
         if f.damaged:
             raise VerifyError(f"{f.label}: {f.damaged}")
@@ -179,13 +184,17 @@ def iter_input_ids(
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1:
         for c, data in iter_chunk_bytes(plan, jsonl):
-            yield _parse_ids(data, c.first_line, plan.files[c.file_index], id_field, text_field, examples)
+            yield _parse_ids(
+                data, c.first_line, plan.files[c.file_index], id_field, text_field, examples, rules
+            )
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
         pending: deque[Future[tuple[list[str], int, list[str]]]] = deque()
         for c, data in iter_chunk_bytes(plan, jsonl):
             f = plan.files[c.file_index]
-            pending.append(ex.submit(_parse_ids, data, c.first_line, f, id_field, text_field, examples))
+            pending.append(
+                ex.submit(_parse_ids, data, c.first_line, f, id_field, text_field, examples, rules)
+            )
             if len(pending) > workers + 1:
                 yield pending.popleft().result()
         while pending:
@@ -210,6 +219,7 @@ def _load_input_ids(  # type: ignore[no-untyped-def]
     examples: int,
     workers: int | None,
     buckets: int,
+    rules: Rules = DEFAULT_RULES,
 ) -> None:
     con.execute("CREATE TABLE input_raw (id VARCHAR, b USMALLINT)")
     buf: list[str] = []
@@ -220,7 +230,7 @@ def _load_input_ids(  # type: ignore[no-untyped-def]
             report.input_lines_valid += len(buf)
             buf.clear()
 
-    for ids, n_rejects, shown in iter_input_ids(plan, id_field, text_field, examples, workers):
+    for ids, n_rejects, shown in iter_input_ids(plan, id_field, text_field, examples, workers, rules):
         buf.extend(ids)
         report.rejects += n_rejects
         report.reject_examples.extend(shown[: max(0, examples - len(report.reject_examples))])
@@ -320,9 +330,12 @@ def verify(
     temp_dir: str | None = None,
     workers: int | None = None,
     buckets: int | None = None,
+    input_format: str = "auto",
+    rules: Rules = DEFAULT_RULES,
 ) -> VerifyReport:
-    """Check the output (or shards) against the input; see the module doc."""
-    plan = make_plan(list(inputs), chunk_lines=VERIFY_CHUNK_LINES)  # validates the inputs first
+    """Check the output (or shards) against the input; see the module doc. ``input_format`` and ``rules``
+    (text mode, filters) as given to ``embed``: a filtered row is not expected in the output."""
+    plan = make_plan(list(inputs), VERIFY_CHUNK_LINES, input_format)  # validates the inputs first
     target, files, manifest = _targets(out_dir, shards_dir)
     report = VerifyReport(target=target, files=len(files))
 
@@ -379,7 +392,7 @@ def verify(
     try:
         con = duckdb_connect(os.path.join(tmp, "spill"), memory_limit, path=os.path.join(tmp, "ids.duckdb"))
         try:
-            _load_input_ids(con, plan, id_field, text_field, report, examples, workers, p_buckets)
+            _load_input_ids(con, plan, id_field, text_field, report, examples, workers, p_buckets, rules)
             load_parquet_ids(con, present, p_buckets)
             (report.output_rows,) = con.execute("SELECT count(*) FROM out_raw").fetchone()  # type: ignore[misc]
             compare_buckets(con, p_buckets, report, examples)
