@@ -409,10 +409,12 @@ MODEL = "random:L2-H32"  # seeded random BERT weights: loads in a moment, the sa
 
 
 @pytest.mark.slow
-def test_actors_one_per_gpu_across_nodes_and_one_node_lost(tmp_path, nodes) -> None:
-    """One actor per (declared) GPU on three nodes; the node of one dies mid-chunk; the output is exact.
+def test_actors_one_per_gpu_across_nodes_node_lost_and_gpu_node_added(tmp_path, nodes) -> None:
+    """One actor per (declared) GPU on three nodes; the node of one dies mid-chunk; a GPU node joins.
 
-    Its chunks must go to the surviving actors: there is no free GPU to restart it on.
+    The lost actor's chunks must go to the other actors (there is no free GPU to restart it on, so Ray's own
+    restart would wait forever), and the node that joins must get an actor: the other actors hold their chunks
+    until it has embedded something. The output is that of the local engine, byte for byte.
     """
     pytest.importorskip("torch")
     path = str(tmp_path / "tweets.jsonl")
@@ -426,17 +428,22 @@ def test_actors_one_per_gpu_across_nodes_and_one_node_lost(tmp_path, nodes) -> N
     os.makedirs(log_dir)
     work = str(tmp_path / "ray")
     ropts = RayOptions(use_actors=True, cpus_per_actor=0.5)
-    run = Background(
-        options([path], work, ropts, chunk_lines=50), Traced(spec, log_dir, hang_on=victim.node_id)
-    )
+    factory = Traced(spec, log_dir, hang_on=victim.node_id, wait_for="late")
+    run = Background(options([path], work, ropts, chunk_lines=50), factory)
+    late = None
     try:
-        wait_for_file(os.path.join(log_dir, "hung"), 90, run)
+        try:
+            wait_for_file(os.path.join(log_dir, "hung"), 90, run)
+        finally:
+            nodes.remove(victim)
+        late = nodes.add(num_gpus=1, resources={"late": 1})
+        s = run.join(120)
     finally:
-        nodes.remove(victim)
-    s = run.join(120)
+        if late is not None:
+            nodes.remove(late)
     assert s.rows == 600 and s.chunks_done_now == 12
     per_node = texts_per_node(log_dir)
-    assert set(per_node) == {w.node_id for w in nodes.workers}, per_node  # the two surviving GPU nodes
+    assert set(per_node) == {w.node_id for w in nodes.workers} | {late.node_id}, per_node
     ids, vecs, _ = read_shards(os.path.join(work, "shards"), 32)
     lids, lvecs, _ = read_shards(os.path.join(local, "shards"), 32)
     assert ids == lids and len(ids) == 600
