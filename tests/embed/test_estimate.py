@@ -3,14 +3,17 @@ servers).  The ±15% accuracy over a 2-minute run is bench/plan_accuracy.py's; h
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
 
 import orjson
 
-from tweet_embed.embed.chunks import Chunk, Plan
-from tweet_embed.embed.estimate import sample_chunks
+from tweet_embed.backends import BackendSpec
+from tweet_embed.embed.chunks import Chunk, Plan, WorkDirs
+from tweet_embed.embed.estimate import format_table, make_estimate, sample_chunks
+from tweet_embed.embed.options import EmbedOptions
 from tweet_embed.testing.server import TEIServer, approx_tokens
 from tweet_embed.testing.synth import write_jsonl
 
@@ -75,12 +78,17 @@ def test_plan_then_embed(tmp_path: Path) -> None:
 def test_plan_table_and_no_calibration(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     write_jsonl(str(src), 500, seed=1)
+    dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
     with TEIServer(dim=DIM) as srv:
-        r = run_cli("plan", str(src), "--tei-urls", srv.embed_url, "--work-dir", str(tmp_path / "w"),
-                    "--calibrate", "0")  # fmt: skip
+        r = asyncio.run(
+            make_estimate(
+                EmbedOptions(inputs=[str(src)], dirs=dirs), BackendSpec(urls=(srv.embed_url,)), calibrate=0
+            )
+        )
         sent = srv.counters["texts"]
-    assert r.returncode == 0, r.stderr
-    assert re.search(r"^lines\s+500$", r.stdout, re.M) and "not measured (--calibrate 0)" in r.stdout
-    assert "VECTOR_SEARCH" in r.stdout and "bigquery_bytes" in r.stdout
+    table = format_table(r)
+    assert re.search(r"^lines\s+500$", table, re.M) and "not measured (--calibrate 0)" in table
+    assert "VECTOR_SEARCH" in table and "bigquery_bytes" in table
     assert sent == 1  # only the start-up probe: nothing embedded without --calibrate
-    assert re.search(r"^tokens\s+p50 \d+, p95 \d+, max \d+; over 512: 0.00%$", r.stdout, re.M)
+    assert re.search(r"^tokens\s+p50 \d+, p95 \d+, max \d+; over 512: 0.00%$", table, re.M)
+    assert r["estimated_seconds"] is None and (tmp_path / "w" / "progress" / "estimate.json").exists()
