@@ -34,13 +34,12 @@ def test_a_mistyped_url_says_so_every_interval_and_in_status(tmp_path: Path) -> 
     port = free_port()  # nothing listens there: connection refused
     work = tmp_path / "w"
     cmd = [sys.executable, "-m", "tweet_embed", "embed", str(src), "--tei-urls", f"http://127.0.0.1:{port}/embed",
-           "--work-dir", str(work), "--log-interval", "1", "--max-retry-time", "5"]  # fmt: skip
+           "--work-dir", str(work), "--log-interval", "1", "--max-retry-time", "8"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         seen = ""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and "waiting for servers" not in seen:
+        while proc.poll() is None and "waiting for servers" not in seen:
             time.sleep(0.5)
             seen = run_cli("status", "--work-dir", str(work), timeout=60).stdout
         _, err = proc.communicate(timeout=60)
@@ -49,7 +48,7 @@ def test_a_mistyped_url_says_so_every_interval_and_in_status(tmp_path: Path) -> 
     assert proc.returncode != 0
     waiting = [ln for ln in err.splitlines() if "waiting for servers: none has answered for" in ln]
     assert len(waiting) >= 3, err  # every interval, not one warning and then silence
-    assert "Inst. speed: " in waiting[0] and "(giving up after 5 s)" in waiting[0]
+    assert "Inst. speed: " in waiting[0] and "(giving up after 8 s)" in waiting[0]
     assert f"127.0.0.1:{port} connection refused" in waiting[-1]
     assert "waiting for servers: none has answered for" in seen and f"127.0.0.1:{port}" in seen
     # Once the run has ended, status no longer claims it is waiting.
