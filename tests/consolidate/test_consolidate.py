@@ -242,6 +242,21 @@ def test_keep_text_joins_input_by_id(tmp_path):
         C.consolidate(str(tmp_path / "bad"), str(tmp_path / "out2"), keep_text=[str(inp)])
 
 
+def test_keep_text_joins_the_text_mode_the_shards_were_embedded_with(tmp_path):
+    """Raw Twitter objects: the text column is the text that was embedded (--text-mode, in the metadata)."""
+    from tweet_objects import V1_SHORT
+
+    inp = tmp_path / "v1.jsonl"
+    inp.write_text(json.dumps(V1_SHORT) + "\n")
+    for mode, expected in (("full", "Fish & chips <3 >_< and &amp; literally"), ("raw", V1_SHORT["text"])):
+        shards = str(tmp_path / f"shards-{mode}")
+        write_shards(
+            shards, [[V1_SHORT["id_str"]]], meta={**META, **({"text_mode": "raw"} if mode == "raw" else {})}
+        )
+        C.consolidate(shards, str(tmp_path / f"out-{mode}"), keep_text=[str(inp)])
+        assert read_out(str(tmp_path / f"out-{mode}")).column("text").to_pylist() == [expected]
+
+
 def test_crash_after_some_files_resumes_to_identical_output(tmp_path, monkeypatch):
     shards = str(tmp_path / "shards")
     write_shards(shards, [[f"k{s}-{r}" for r in range(300)] + ["k0-1"] for s in range(6)])

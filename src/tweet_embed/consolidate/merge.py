@@ -328,7 +328,9 @@ def consolidate(
 
         schema = output_schema(dim, meta, bool(keep_text))
         start = tuple(files[-1]["end"]) if files else (0, 0)
-        joiner = TextJoiner(keep_text, id_field, text_field) if keep_text else None
+        joiner = (
+            TextJoiner(keep_text, id_field, text_field, meta.get("text_mode", "full")) if keep_text else None
+        )
         writer = _Writer(out_dir, schema, target, rg_bytes, len(files), on_file)
         drops = DropList(drops_path)
         try:

@@ -8,7 +8,11 @@ from tweet_embed.consolidate.layout import ConsolidateError
 
 
 def iter_input_records(
-    inputs: Sequence[str], id_field: str = "_id", text_field: str = "text", chunk_lines: int = 50_000
+    inputs: Sequence[str],
+    id_field: str = "_id",
+    text_field: str = "text",
+    chunk_lines: int = 50_000,
+    text_mode: str = "full",
 ) -> Iterator[tuple[str, str]]:
     """The valid ``(id, text)`` records of the inputs, in order, read exactly as ``embed`` reads them.
 
@@ -16,9 +20,11 @@ def iter_input_records(
     """
     from tweet_embed.embed.chunks import iter_chunk_bytes, make_plan
     from tweet_embed.embed.worker import ChunkOptions, read_block
+    from tweet_embed.input.rules import Rules
 
     plan = make_plan(list(inputs), chunk_lines=chunk_lines)
-    copts = ChunkOptions(id_field=id_field, text_field=text_field)
+    # the text mode the shards were embedded with (their metadata): the same text as was embedded
+    copts = ChunkOptions(id_field=id_field, text_field=text_field, rules=Rules(text_mode=text_mode))
     chunks = plan.chunks
     i = 0
     while i < len(chunks):  # runs of one kind, in plan order (as the embed run loop reads them)
@@ -43,9 +49,11 @@ class TextJoiner:
     Rows ``embed`` rejected and later duplicates are simply skipped over in the input.
     """
 
-    def __init__(self, inputs: Sequence[str], id_field: str, text_field: str) -> None:
+    def __init__(
+        self, inputs: Sequence[str], id_field: str, text_field: str, text_mode: str = "full"
+    ) -> None:
         self.inputs = list(inputs)
-        self._it = iter_input_records(inputs, id_field, text_field)
+        self._it = iter_input_records(inputs, id_field, text_field, text_mode=text_mode)
 
     def texts_for(self, ids: Sequence[str]) -> list[str]:
         out = []
