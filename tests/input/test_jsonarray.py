@@ -145,3 +145,19 @@ def test_scan_memory_is_bounded_by_the_block_not_the_file(monkeypatch) -> None:
     assert sc.records == n and len(sc.chunks) == 20 and sc.damaged is None
     assert n * len(rec) > 19_000_000
     assert peak < 1_000_000, peak
+
+
+def test_a_chunk_of_twitter_objects_is_decoded_one_element_at_a_time() -> None:
+    """Decoding a whole chunk of API objects at once costs ~16x its JSON size in Python objects; element by
+    element, the parse holds about the chunk's bytes plus one record."""
+    from tweet_objects import V1_RETWEET
+
+    data = b",\n".join(orjson.dumps({**V1_RETWEET, "id_str": str(k)}) for k in range(2000))
+    tracemalloc.start()
+    try:
+        block = parse_array_block(data, 1, "f", tweets=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(block.ids) == 2000 and not block.rejects
+    assert peak < 3 * len(data), (peak, len(data))
