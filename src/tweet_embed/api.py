@@ -11,7 +11,7 @@ from itertools import islice
 
 import numpy as np
 
-from tweet_embed.backends import make_backend
+from tweet_embed.backends import VectorOptions, make_backend
 from tweet_embed.backends.base import Backend
 from tweet_embed.input.records import clean_text
 
@@ -23,11 +23,13 @@ def embed_multi(
     urls: list[str] | None = None,
     model: str | None = None,
     window: int = 10_000,
+    options: VectorOptions | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(id, float32 vector)`` for each record; a text the server refuses raises ``BatchRefused``."""
+    """Yield ``(id, float32 vector)`` for each record; a text the server refuses raises ``BatchRefused``.
+    ``options``: prompt and dimensions for the backend built here from ``urls`` / ``model``."""
     from tweet_embed.embed.worker import embed_texts
 
-    backend = backend or make_backend(urls, model)
+    backend = backend or make_backend(urls, model, options=options)
     loop = asyncio.new_event_loop()
     try:
         info = loop.run_until_complete(backend.start())

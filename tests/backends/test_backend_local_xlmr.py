@@ -244,3 +244,30 @@ def test_random_xlmr_shapes(monkeypatch) -> None:
     spec = json.loads(xlmr_tokenizer_file().read_text())
     assert spec["model"]["type"] == "Unigram" and spec["pre_tokenizer"]["type"] == "Metaspace"
     assert [v[0] for v in spec["model"]["vocab"][:4]] == ["<s>", "<pad>", "</s>", "<unk>"]
+
+
+def test_the_sentence_transformers_fallback_takes_prompts_and_dimensions(
+    xlmr_dir, reference, tmp_path
+) -> None:
+    """A layout the fast path does not take (max pooling) goes through ``SentenceTransformer.encode``, with the
+    model's prompts and the dimensions all the same."""
+    d = tmp_path / "maxpool"
+    d.mkdir()
+    for entry in xlmr_dir.iterdir():
+        if entry.name != "1_Pooling":
+            (d / entry.name).symlink_to(entry)
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_max_tokens": True})
+    )
+    b = start(d, options=VectorOptions(prompt_name="passage", dimensions=16))
+    try:
+        assert b._fwd is None and b.info is not None and b.info.extra["pipeline"] == "sentence-transformers"
+        assert b.info.dim == 16 and b.info.extra["prompt_name"] == "passage"
+        got = b.embed_sync(MULTILINGUAL)
+        st = st_mod.SentenceTransformer(str(d), device="cpu", local_files_only=True)
+        ref = st.encode(MULTILINGUAL, prompt_name="passage", convert_to_numpy=True)[:, :16]
+        assert got.shape == (len(MULTILINGUAL), 16) and cosines(got, ref).min() > 0.9999
+        assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    finally:
+        asyncio.run(b.close())

@@ -120,6 +120,33 @@ def test_mixed_models_refused(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".parquet")]
 
 
+def test_mixed_prompts_or_dimensions_refused(tmp_path):
+    """Shards made with another --prompt-name (or none) cannot go into one table; the same one can."""
+    shards = str(tmp_path / "shards")
+    tagged = dict(META, prompt_name="document")
+    write_table(
+        make_table(["a"], vec(0)[None, :], tagged),
+        os.path.join(shards_dir(shards), "part-0000-0000000.parquet"),
+    )
+    write_table(make_table(["b"], vec(1)[None, :], META), os.path.join(shards, "part-0001-0000000.parquet"))
+    with pytest.raises(C.ConsolidateError, match="prompt_name=document"):
+        C.consolidate(shards, str(tmp_path / "out"))
+    write_table(make_table(["b"], vec(1)[None, :], tagged), os.path.join(shards, "part-0001-0000000.parquet"))
+    res = C.consolidate(shards, str(tmp_path / "out"))
+    assert res.manifest["rows"] == 2
+    assert (
+        pq.read_schema(os.path.join(str(tmp_path / "out"), res.manifest["files"][0]["name"])).metadata[
+            b"tweet_embed.prompt_name"
+        ]
+        == b"document"
+    )
+
+
+def shards_dir(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def test_mixed_dimensions_refused(tmp_path):
     shards = str(tmp_path / "shards")
     write_shards(shards, [["a", "b"]], dim=16)

@@ -122,3 +122,35 @@ def test_hash_buckets_give_the_same_answer(tmp_path):
         assert rep.missing.examples == sorted(ids[90:95])[:3]
         assert rep.duplicated.examples == sorted(ids[10:14])[:3]
         assert rep.extra.examples == ["ghost1", "ghost2"]
+
+
+def test_shards_with_different_prompts_or_a_wrong_dimensions_record_fail(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    ids = write_input(inp, 10)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    tagged = dict(META, prompt_name="document")
+    write_table(
+        make_table(ids[:5], rng.random((5, 16), np.float32), tagged),
+        str(shards / "part-0000-0000000.parquet"),
+    )
+    write_table(
+        make_table(ids[5:], rng.random((5, 16), np.float32), META), str(shards / "part-0001-0000000.parquet")
+    )
+    rep = verify([str(inp)], shards_dir=str(shards))
+    assert not rep.ok and any("different prompts or dimensions" in p for p in rep.file_problems), (
+        rep.file_problems
+    )
+    # the same prompt everywhere, but a shard that says --dimensions 8 while holding 16
+    write_table(
+        make_table(ids[5:], rng.random((5, 16), np.float32), tagged),
+        str(shards / "part-0001-0000000.parquet"),
+    )
+    assert verify([str(inp)], shards_dir=str(shards)).ok
+    odd = dict(tagged, dimensions="8")
+    write_table(
+        make_table(ids[5:], rng.random((5, 16), np.float32), odd), str(shards / "part-0001-0000000.parquet")
+    )
+    rep = verify([str(inp)], shards_dir=str(shards))
+    assert any("--dimensions 8 but declares dim 16" in p for p in rep.file_problems), rep.file_problems
