@@ -191,6 +191,35 @@ def test_clean_run_is_exact_and_identical_to_local_engine(tmp_path, ray_local, s
     assert again.chunks_done_now == 0 and again.chunks_skipped == 20
 
 
+def test_arrays_and_csv_with_filters_on_ray(tmp_path, ray_local, server) -> None:
+    """Other input formats as Ray tasks: a plain JSON array read by byte range in the task, a .csv.gz shipped
+    with its bytes by the driver; the run's filters applied in the tasks, the skips counted."""
+    import csv
+    import io
+    import json
+
+    from tweet_embed.input.rules import Rules
+
+    recs = list(synth_tweets(400, seed=6))
+    (tmp_path / "a.json").write_text(
+        json.dumps(
+            [{"_id": i, "text": t, "lang": "en" if k % 4 else "de"} for k, (i, t) in enumerate(recs[:200])]
+        )
+    )
+    out = io.StringIO(newline="")
+    w = csv.writer(out)
+    w.writerow(["_id", "text", "lang"])
+    w.writerows((i, t + "\n2nd line", "en" if k % 4 else "de") for k, (i, t) in enumerate(recs[200:]))
+    (tmp_path / "b.csv.gz").write_bytes(gzip.compress(out.getvalue().encode()))
+    kept = [(i, t) for k, (i, t) in enumerate(recs[:200]) if k % 4]
+    kept += [(i, t + "\n2nd line") for k, (i, t) in enumerate(recs[200:]) if k % 4]
+    inputs = [str(tmp_path / "a.json"), str(tmp_path / "b.csv.gz")]
+    opts = options(inputs, str(tmp_path / "w"), RayOptions(), rules=Rules(langs=("en",)))
+    s = run_embed(opts, BackendSpec(urls=(server.embed_url,)))
+    assert s.rows == len(kept) and s.skipped == {"lang": 100}
+    assert_exact(str(tmp_path / "w" / "shards"), kept)
+
+
 def test_worker_killed_mid_chunk_is_retried_and_written_once(tmp_path, ray_local, server) -> None:
     inputs, records = write_inputs(tmp_path)
     victim = records[1234][1]  # line 1237 of a.jsonl: chunk part-0000-0000012
