@@ -15,6 +15,7 @@ from tweet_embed.backends import BackendSpec
 from tweet_embed.embed import metrics as metrics_mod
 from tweet_embed.embed.chunks import WorkDirs
 from tweet_embed.embed.runner import EmbedOptions, run_embed
+from tweet_embed.embed.telemetry import read_journal
 from tweet_embed.testing.server import TEIServer
 from tweet_embed.testing.synth import write_jsonl
 
@@ -104,3 +105,35 @@ def test_metrics_during_a_run_match_the_summary(tmp_path: Path, monkeypatch: pyt
     rows = [total(s, "tweet_embed_rows_total") for s in during]
     assert rows == sorted(rows) and rows[-1] <= summary.rows and any(0 < r < 1500 for r in rows)
     assert all(n.startswith("tweet_embed_") for s in during for (n, _) in s)
+
+
+def test_devices_engine_journal_and_metrics_from_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--devices: the workers embed in their own processes; the driver's figures reach the journal and
+    /metrics (no per-endpoint ones)."""
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), 600, seed=8)
+    final: list[dict[Any, float]] = []
+    real_close = metrics_mod.MetricsServer.close
+
+    def close(self: Any) -> None:
+        final.append(scrape(self.url))
+        real_close(self)
+
+    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
+    dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
+    opts = EmbedOptions(
+        inputs=[str(src)], dirs=dirs, chunk_lines=100, log_interval=0.3, devices=["w0", "w1"], metrics_port=0
+    )
+    with TEIServer(dim=DIM, latency=0.05) as srv:
+        summary = run_embed(opts, BackendSpec(urls=(srv.embed_url,)))
+    [end] = final
+    assert total(end, "tweet_embed_rows_total") == summary.rows == 600
+    assert total(end, "tweet_embed_texts_sent_total") == summary.embedded_texts == 600
+    assert end[("tweet_embed_chunks_done", ())] == 6
+    events = read_journal(str(tmp_path / "w" / "progress"))
+    start = next(e for e in events if e["event"] == "start")
+    last_end = [e for e in events if e["event"] == "end"][-1]
+    assert start["engine"] == "devices" and last_end["rows"] == 600
+    assert [e for e in events if e["event"] == "interval"][-1]["chunks_done"] == 6

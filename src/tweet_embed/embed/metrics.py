@@ -33,7 +33,7 @@ def collect(monitor: RunMonitor) -> Iterator[Any]:
         "tweet_embed_rows", "Rows embedded and written in this run", value=monitor.rows()
     )
     yield CounterMetricFamily(
-        "tweet_embed_texts_sent", "Texts sent to the backend in this run", value=monitor.texts_sent
+        "tweet_embed_texts_sent", "Texts sent to the backend in this run", value=monitor.sent()
     )
     rej = CounterMetricFamily("tweet_embed_rejects", "Input lines rejected, by reason", labels=["reason"])
     for reason, n in sorted(dict(monitor.rejects).items()):

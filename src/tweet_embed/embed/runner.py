@@ -132,7 +132,8 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         if pending and opts.ray is not None:
             from tweet_embed.embed.engines.ray import run_on_ray
 
-            await run_on_ray(opts, make_backend, plan, pending, summary)
+            with _driver_monitor(opts, plan, pending, summary, "ray"):
+                await run_on_ray(opts, make_backend, plan, pending, summary)
         elif pending and opts.devices and len(opts.devices) > 1:
             spec = make_backend
             if not isinstance(spec, BackendSpec):
@@ -146,19 +147,20 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
                 "rules": opts.rules,
             }
             out: dict[str, object] = {"id_field": opts.id_field, "text_field": opts.text_field}
-            await asyncio.to_thread(
-                run_on_devices,
-                opts.devices,
-                spec,
-                plan,
-                pending,
-                dirs,
-                job,
-                out,
-                __version__,
-                summary,
-                opts.log_interval,
-            )
+            with _driver_monitor(opts, plan, pending, summary, "devices"):
+                await asyncio.to_thread(
+                    run_on_devices,
+                    opts.devices,
+                    spec,
+                    plan,
+                    pending,
+                    dirs,
+                    job,
+                    out,
+                    __version__,
+                    summary,
+                    opts.log_interval,
+                )
         elif pending:
             factory = make_backend.build if isinstance(make_backend, BackendSpec) else make_backend
             await _run_pending(opts, plan, pending, factory, summary)
@@ -173,6 +175,43 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         if damaged:
             summary.errors.extend(damaged)
     return summary
+
+
+@contextlib.contextmanager
+def _driver_monitor(
+    opts: EmbedOptions, plan: Plan, pending: list[Chunk], summary: Summary, engine: str
+) -> Iterator[RunMonitor]:
+    """Journal and metrics for the engines that embed in other processes (--devices, --engine ray): the
+    driver's figures (rows, texts, chunks, ETA, retries as the chunks report them), no per-endpoint ones."""
+    monitor = RunMonitor(
+        opts.dirs.progress,
+        chunks_total=len(plan.chunks),
+        chunks_done_before=summary.chunks_skipped,
+        lines_total=sum(c.n_lines for c in plan.chunks),
+        interval=opts.log_interval,
+        info={"engine": engine, "inputs": [f.label for f in plan.files], "chunks_pending": len(pending)},
+    )
+    monitor.summary = summary
+    metrics = None
+    if opts.metrics_port is not None:
+        from tweet_embed.embed.metrics import MetricsServer
+
+        metrics = MetricsServer(monitor, opts.metrics_port, opts.metrics_addr)
+        log.info("metrics: %s", metrics.url)
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.stop(
+            {
+                "rows": summary.rows,
+                "texts_sent": summary.embedded_texts,
+                "chunks_done_now": summary.chunks_done_now,
+                "stats": dict(summary.stats),
+            }
+        )
+        if metrics is not None:
+            metrics.close()
 
 
 async def _run_pending(

@@ -99,6 +99,9 @@ class RunMonitor:
         self.info = dict(info or {})
         self.backend: Backend | None = None
         self.progress: Progress | None = None
+        # Engines that embed in other processes (--devices, --engine ray) keep their own progress; the driver's
+        # Summary, updated as each chunk comes back, is then the source (no per-endpoint figures).
+        self.summary: Any = None
         self.texts_sent = 0
         self.rejects: Counter[str] = Counter()
         self._chunk_seconds: list[float] = []
@@ -138,19 +141,46 @@ class RunMonitor:
         return backend.waiting_note(after=min(5.0, self.interval)) if backend is not None else None
 
     def rows(self) -> int:
-        return self.progress.processed if self.progress is not None else 0
+        if self.progress is not None:
+            return self.progress.processed
+        return int(self.summary.rows) if self.summary is not None else 0
 
     def chunks_done(self) -> int:
-        return self.chunks_done_before + (self.progress.chunks if self.progress is not None else 0)
+        if self.progress is not None:
+            return self.chunks_done_before + self.progress.chunks
+        return self.chunks_done_before + (
+            int(self.summary.chunks_done_now) if self.summary is not None else 0
+        )
+
+    def sent(self) -> int:
+        if self.progress is None and self.summary is not None:
+            return int(self.summary.embedded_texts)
+        return self.texts_sent
 
     def retries(self) -> dict[str, int]:
-        stats = self.backend.stats() if self.backend is not None else {}
+        if self.backend is not None:
+            stats = self.backend.stats()
+        elif self.summary is not None:
+            stats = {}
+            for _ in range(5):  # the engine's thread may add a key while we copy
+                try:
+                    stats = dict(self.summary.stats)
+                    break
+                except RuntimeError:
+                    continue
+        else:
+            stats = {}
         return {k[len("retry_") :]: v for k, v in stats.items() if k.startswith("retry_")}
 
     def eta_seconds(self) -> float | None:
         p = self.progress
         if p is None:
-            return None
+            if self.summary is None or not self.lines_total:
+                return None
+            elapsed = time.monotonic() - self._start
+            done = self.chunks_done() - self.chunks_done_before
+            left = self.chunks_total - self.chunks_done()
+            return left * elapsed / done if done > 0 else None
         elapsed = time.monotonic() - p.start
         avg = p.processed / elapsed if elapsed > 0 else 0.0
         remaining = max(0, p.total_rows - p.lines_done)
@@ -194,7 +224,7 @@ class RunMonitor:
         with self._lock:
             chunk_seconds, self._chunk_seconds = self._chunk_seconds, []
             rejects = dict(self.rejects)
-            texts_sent = self.texts_sent
+        texts_sent = self.sent()
         eta = self.eta_seconds()
         waiting = self.note()
         return {
