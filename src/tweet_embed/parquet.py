@@ -19,35 +19,48 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 META_PREFIX = "tweet_embed."
+TEXT_HASH = "text_hash"
 
 
-def shard_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
-    """The schema of one shard: ``id`` string, ``embedding`` fixed_size_list<float32>[dim]."""
-    schema = pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field(
-                "embedding", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False
-            ),
-        ]
-    )
+def shard_schema(dim: int, metadata: Mapping[str, str] | None = None, text_hash: bool = False) -> pa.Schema:
+    """The schema of one shard: ``id`` string, ``embedding`` fixed_size_list<float32>[dim], and
+    ``text_hash`` (16 bytes, XXH3-128 of the text as sent: what ``--reuse`` matches later runs' texts by)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field(
+            "embedding", pa.list_(pa.field("element", pa.float32(), nullable=False), dim), nullable=False
+        ),
+    ]
+    if text_hash:
+        fields.append(pa.field(TEXT_HASH, pa.binary(16), nullable=False))
+    schema = pa.schema(fields)
     if metadata:
         schema = schema.with_metadata({f"{META_PREFIX}{k}": str(v) for k, v in metadata.items()})
     return schema
 
 
-def make_table(ids: list[str], vectors: np.ndarray, metadata: Mapping[str, str] | None = None) -> pa.Table:
-    """Build a shard table from ids and a float32 ``(n, d)`` array without per-float Python objects."""
+def make_table(
+    ids: list[str],
+    vectors: np.ndarray,
+    metadata: Mapping[str, str] | None = None,
+    text_hash: np.ndarray | None = None,
+) -> pa.Table:
+    """Build a shard table from ids and a float32 ``(n, d)`` array without per-float Python objects;
+    ``text_hash`` an ``(n, 16)`` uint8 array."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     if len(ids) != n:
         raise ValueError(f"{len(ids)} ids for {n} vectors")
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
     emb = pa.FixedSizeListArray.from_arrays(flat, dim)
-    schema = shard_schema(dim, metadata)
-    return pa.Table.from_arrays(
-        [pa.array(ids, type=pa.string()), emb.cast(schema.field("embedding").type)], schema=schema
-    )
+    schema = shard_schema(dim, metadata, text_hash is not None)
+    arrays = [pa.array(ids, type=pa.string()), emb.cast(schema.field("embedding").type)]
+    if text_hash is not None:
+        if text_hash.shape != (n, 16):
+            raise ValueError(f"text_hash of shape {text_hash.shape} for {n} rows")
+        buf = pa.py_buffer(np.ascontiguousarray(text_hash, np.uint8).tobytes())
+        arrays.append(pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, buf]))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def read_metadata(path: str) -> dict[str, str]:
@@ -71,7 +84,7 @@ def write_table(table: pa.Table, path: str) -> None:
     pq.write_table(
         table,
         path,
-        compression={"id": "zstd", "embedding": "none"},
+        compression={"id": "zstd", "embedding": "none", TEXT_HASH: "none"},  # hashes do not compress
         compression_level={"id": 1},
         use_dictionary=["id"],
         write_statistics=["id"],

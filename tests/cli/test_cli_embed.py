@@ -72,7 +72,7 @@ def test_seed_command_line_verbatim(tmp_path, server, corpus) -> None:
     assert_exact(str(tmp_path / "embeddings" / "shards"), records)
     from collections import Counter
 
-    expected = Counter(t for _, t in records)
+    expected = Counter({t: 1 for _, t in records})  # each distinct text once, repeats included
     expected["dimension probe"] += 1
     assert server.embedded == expected  # nothing sent twice
     st = run_cli("status", cwd=str(tmp_path))

@@ -66,7 +66,7 @@ def test_two_workers_every_id_once(tmp_path, corpus) -> None:
     ids, vecs = read_shards_of(str(tmp_path / "w" / "shards"))
     assert ids == [r[0] for r in records]
     np.testing.assert_array_equal(vecs, expected_vectors([r[1] for r in records], DIM))
-    expected = Counter(t for _, t in records)
+    expected = Counter({t: 1 for _, t in records})  # each distinct text once (dedupe)
     expected["dimension probe"] += 2  # one probe per worker
     assert sent == expected
 

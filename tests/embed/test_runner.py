@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections import Counter
 
 import numpy as np
 import orjson
@@ -88,14 +89,35 @@ def test_shard_without_marker_is_redone_and_marker_without_shard_too(tmp_path) -
     assert len(read_shards(str(tmp_path / "w" / "shards"))) == 100
 
 
-def test_dedupe_texts_sends_each_text_once_per_chunk(tmp_path) -> None:
+def test_dedupe_sends_each_text_once_per_run_across_chunks(tmp_path) -> None:
     rows = corpus(tmp_path / "in.jsonl", 200, repeat_every=10)
     be = CountingBackend()
-    s = run_embed(opts(tmp_path, [tmp_path / "in.jsonl"], dedupe_texts=True, chunk_lines=100), lambda: be)
-    assert s.rows == 200 and s.embedded_texts == 20
+    s = run_embed(opts(tmp_path, [tmp_path / "in.jsonl"], chunk_lines=30), lambda: be)
+    assert s.rows == 200 and s.embedded_texts == 10 and s.distinct_texts == 10
+    assert be.texts == Counter(set(rows.values()))  # each text once, though all 7 chunks hold it
     out = read_shards(str(tmp_path / "w" / "shards"))
     for i, text in rows.items():
         np.testing.assert_allclose(out[i], text_vector(text, 8), rtol=1e-6)
+
+
+def test_no_dedupe_sends_every_row(tmp_path) -> None:
+    corpus(tmp_path / "in.jsonl", 200, repeat_every=10)
+    be = CountingBackend()
+    s = run_embed(opts(tmp_path, [tmp_path / "in.jsonl"], chunk_lines=30, dedupe=False), lambda: be)
+    assert s.rows == 200 and s.embedded_texts == 200 and sum(be.texts.values()) == 200
+    assert not os.path.exists(tmp_path / "w" / "progress" / "dedupe")
+
+
+def test_refused_text_refuses_its_repeats_in_later_chunks_without_resending(tmp_path) -> None:
+    rows = corpus(tmp_path / "in.jsonl", 90, repeat_every=30)
+    be = CountingBackend(refuse=[rows["id5"]])
+    s = run_embed(opts(tmp_path, [tmp_path / "in.jsonl"], chunk_lines=20), lambda: be)
+    assert s.rows == 87 and s.rejected == 3
+    assert rows["id35"] == rows["id5"] and rows["id5"] not in be.texts
+    assert sum(be.texts.values()) == 29  # the 29 other distinct texts, once each
+    rejects = [orjson.loads(x) for x in open(s.rejects_file, "rb")]
+    assert [r["line"] for r in rejects] == [6, 36, 66]
+    assert all("refused" in r["reason"] for r in rejects)
 
 
 def test_refused_text_becomes_a_reject_with_its_line(tmp_path) -> None:

@@ -151,7 +151,25 @@ def add_embed_parser(
     )
     add_filter_options(p)
     g = p.add_argument_group("run")
-    g.add_argument("--dedupe-texts", action="store_true", help="embed identical texts in a chunk once")
+    g.add_argument(
+        "--no-dedupe",
+        dest="dedupe",
+        action="store_false",
+        help="send every row's text, repeats too (default: each distinct text once per run, its vector "
+        "copied to every row that holds it)",
+    )
+    g.add_argument(
+        "--reuse",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATH",
+        help="earlier runs' shards or consolidated directories (or files; local or object-store): texts "
+        "they hold are not sent, their vectors are copied (same model and options required)",
+    )
+    g.add_argument(
+        "--dedupe-texts", action="store_true", help=argparse.SUPPRESS
+    )  # the old flag: now the default
     g.add_argument("--restart", action="store_true", help="forget earlier progress in these directories")
     g.add_argument("--chunks-in-flight", type=int, default=3, help="chunks embedded at once")
     g.add_argument(
@@ -280,7 +298,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         chunk_lines=args.chunk_size,
         id_field=args.id_field,
         text_field=args.text_field,
-        dedupe_texts=args.dedupe_texts,
+        dedupe=args.dedupe,
+        reuse=args.reuse,
         restart=args.restart,
         chunks_in_flight=args.chunks_in_flight,
         log_interval=args.log_interval,

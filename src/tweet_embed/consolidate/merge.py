@@ -326,7 +326,8 @@ def consolidate(
             write_atomic(progress_path, _dump(progress))
             log.info("wrote %s: %d rows, %s", entry["name"], entry["rows"], human(entry["bytes"]))
 
-        schema = output_schema(dim, meta, bool(keep_text))
+        text_hash = all(s.text_hash for s in shards)
+        schema = output_schema(dim, meta, bool(keep_text), text_hash)
         start = tuple(files[-1]["end"]) if files else (0, 0)
         joiner = (
             TextJoiner(keep_text, id_field, text_field, meta.get("text_mode", "full")) if keep_text else None
@@ -357,6 +358,7 @@ def consolidate(
                 "id": "STRING",
                 "embedding": "ARRAY<FLOAT64> (Parquet LIST of FLOAT)",
                 **({"text": "STRING"} if keep_text else {}),
+                **({"text_hash": "BYTES (16, XXH3-128 of the text)"} if text_hash else {}),
             },
             "params": params,
             "rows": rows_out,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from tweet_embed.backends.vectors import VECTOR_KEYS
 from tweet_embed.consolidate.layout import ConsolidateError
-from tweet_embed.parquet import META_PREFIX
+from tweet_embed.parquet import META_PREFIX, TEXT_HASH
 
 # Metadata that must agree across shards; other keys (device, dtype, version) are taken from the first shard.
 IDENTITY_KEYS = ("backend", "model", "dim", "normalize")
@@ -23,6 +23,7 @@ class ShardInfo:
     path: str
     rows: int
     bytes: int
+    text_hash: bool = False  # has the text_hash column (embed writes it since dedupe; --reuse matches by it)
 
 
 def _meta_of(schema: pa.Schema) -> dict[str, str]:
@@ -74,7 +75,8 @@ def scan_shards(paths: Sequence[str]) -> tuple[list[ShardInfo], dict[str, str], 
             f"{k}={meta[k]}" for k in VECTOR_KEYS if k in meta
         )
         groups.setdefault(key, []).append(os.path.basename(p))
-        infos.append(ShardInfo(os.path.basename(p), p, md.num_rows, os.path.getsize(p)))
+        has_hash = TEXT_HASH in schema.names and schema.field(TEXT_HASH).type == pa.binary(16)
+        infos.append(ShardInfo(os.path.basename(p), p, md.num_rows, os.path.getsize(p), has_hash))
     if len(groups) > 1:
         lines = [f"  {', '.join(k)}: {len(v)} shard(s), e.g. {v[0]}" for k, v in groups.items()]
         raise ConsolidateError(

@@ -25,7 +25,7 @@ from tweet_embed.consolidate.duplicates import DropList
 from tweet_embed.consolidate.layout import OUTPUT_PREFIX, ConsolidateError
 from tweet_embed.consolidate.shards import ShardInfo
 from tweet_embed.consolidate.texts import TextJoiner
-from tweet_embed.parquet import META_PREFIX, fsync_dir
+from tweet_embed.parquet import META_PREFIX, TEXT_HASH, fsync_dir
 
 # Values handed to the Parquet column writer at once (default 1024): fewer per-batch overheads make writing
 # 3-level lists about 1.5x faster; pages still close near the 1 MB page size (64k floats = 256 KB per batch).
@@ -66,11 +66,13 @@ class _HashingFile:
             self.closed = True
 
 
-def output_schema(dim: int, metadata: dict[str, str], keep_text: bool) -> pa.Schema:
+def output_schema(dim: int, metadata: dict[str, str], keep_text: bool, text_hash: bool = False) -> pa.Schema:
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("embedding", pa.list_(pa.field("element", pa.float32(), nullable=False)), nullable=False),
     ]
+    if text_hash:  # kept so that the consolidated files can be given to a later `embed --reuse`
+        fields.append(pa.field(TEXT_HASH, pa.binary(16), nullable=False))
     if keep_text:
         fields.append(pa.field("text", pa.string(), nullable=False))
     return pa.schema(fields, metadata={f"{META_PREFIX}{k}": v for k, v in sorted(metadata.items())})
@@ -234,13 +236,15 @@ def _iter_chunks(
 ) -> Iterator[_Chunk]:
     """The kept rows from ``start`` (shard index, row) on, in shard-name order, as output-typed tables."""
     emb_type = schema.field("embedding").type
-    fixed_row = 4 * dim + 8  # float32 values + list offset + id length prefix
+    with_hash = TEXT_HASH in schema.names
+    fixed_row = 4 * dim + 8 + (16 if with_hash else 0)  # float32 values + list offset + id length prefix
     for si in range(start[0], len(shards)):
         dropped = drops.rows_for(si)
         first = start[1] if si == start[0] else 0
         pf = pq.ParquetFile(shards[si].path)
         offset = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=["id", "embedding"], use_threads=True):
+        columns = ["id", "embedding", TEXT_HASH] if with_hash else ["id", "embedding"]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
             n = batch.num_rows
             lo = offset
             offset += n
@@ -262,7 +266,7 @@ def _iter_chunks(
             if emb.null_count:
                 raise ConsolidateError(f"{shards[si].name}: NULL embedding in a shard")
             sizes = pc.binary_length(ids).to_numpy().astype(np.int64) + fixed_row
-            arrays = [ids, emb]
+            arrays = [ids, emb, *([batch.column(2)] if with_hash else [])]
             if joiner is not None:
                 texts = pa.array(joiner.texts_for(ids.to_pylist()), pa.string())
                 sizes += pc.binary_length(texts).to_numpy().astype(np.int64) + 4

@@ -16,6 +16,7 @@ import fcntl
 import glob
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -331,6 +332,9 @@ class WorkDirs:
                     doomed.append(os.path.join(d, name))
         rdir = os.path.join(self.progress, REJECTS_DIR)
         doomed += [os.path.join(rdir, name) for name in storage.list_names(rdir)]
+        for d in (self.progress, self.tmp):  # the dedupe map and slot store (embed/dedupe.py)
+            if not storage.is_uri(d):
+                shutil.rmtree(os.path.join(d, "dedupe"), ignore_errors=True)
         storage.parallel_map(
             storage.delete, doomed, storage.is_uri(self.progress) or storage.is_uri(self.shards)
         )
@@ -346,7 +350,8 @@ class Marker:
     shard: str
     first_line: int
     n_lines: int
-    embedded_texts: int = 0
+    embedded_texts: int = 0  # texts sent to the backend for this chunk
+    reused: int = 0  # rows whose vector came from an earlier run (--reuse)
     skipped: dict[str, int] = field(default_factory=dict)  # rows left out by a filter, by reason
 
     def to_json(self) -> bytes:
@@ -466,6 +471,16 @@ def load_or_create_plan(
     return plan, False
 
 
+def record_in_manifest(dirs: WorkDirs, name: str, value: object) -> None:
+    """Add a report section (not part of the resume key) to the stored manifest."""
+    data = storage.read_bytes(dirs.manifest_path)
+    if data is None:
+        return
+    stored = orjson.loads(data)
+    stored[name] = value
+    storage.write_bytes(dirs.manifest_path, orjson.dumps(stored, option=orjson.OPT_INDENT_2))
+
+
 def check_manifest(dirs: WorkDirs, key: dict[str, object]) -> None:
     """Refuse to mix runs: the stored manifest must match this run's key; write it on first use."""
     data = storage.read_bytes(dirs.manifest_path)
@@ -481,6 +496,19 @@ def check_manifest(dirs: WorkDirs, key: dict[str, object]) -> None:
             "this work dir holds a run with other settings:\n"
             + "\n".join(lines)
             + "\nuse --restart to start over, or another --work-dir"
+        )
+
+
+def check_manifest_option(dirs: WorkDirs, name: str, value: object) -> None:
+    """Refuse early (before a long planning scan) a resume whose stored manifest has another ``name``."""
+    data = storage.read_bytes(dirs.manifest_path)
+    if data is None:
+        return
+    stored = orjson.loads(data).get("options", {}).get(name)
+    if stored != value:
+        raise PlanError(
+            f"this work dir holds a run with other settings:\n  options.{name}: was {stored!r}, now {value!r}"
+            "\nuse --restart to start over, or another --work-dir"
         )
 
 

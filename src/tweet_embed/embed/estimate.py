@@ -67,14 +67,15 @@ def sample_chunks(plan: Plan, sample_lines: int) -> list[Chunk]:
 
 
 def _parse_sample(plan: Plan, chunks: list[Chunk], opts: EmbedOptions) -> dict[str, Any]:
-    from tweet_embed.embed.runner import parse_chunks
+    from tweet_embed.embed.options import chunk_options
+    from tweet_embed.embed.worker import parse_chunks
 
     lines = valid = 0
     rejects: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
     texts: list[str] = []
     id_bytes = 0
-    for chunk, block in parse_chunks(plan, chunks, opts):
+    for chunk, block in parse_chunks(plan, chunks, chunk_options(opts)):
         lines += chunk.n_lines
         valid += len(block.ids)
         rejects.update(reject_kind(r.reason) for r in block.rejects)
@@ -240,7 +241,7 @@ async def make_estimate(
                 "truncated_share": round(over / len(counts), 4) if counts and max_len else None,
             }
         rows_left = lines_left * ratio
-        to_send = rows_left * (distinct_share if opts.dedupe_texts else 1.0)
+        to_send = rows_left * (distinct_share if opts.dedupe else 1.0)
         if calibrate > 0 and s["texts"]:
             cal = await _calibrate(
                 backend, _spread(s["texts"], 50_000), info.max_batch, info.max_in_flight, calibrate

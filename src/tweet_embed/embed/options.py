@@ -12,6 +12,7 @@ from typing import Any
 from tweet_embed.backends.base import BackendInfo
 from tweet_embed.backends.vectors import VECTOR_KEYS
 from tweet_embed.embed.chunks import DEFAULT_CHUNK_LINES, WorkDirs
+from tweet_embed.embed.worker import ChunkOptions
 from tweet_embed.input.rules import DEFAULT_RULES, Rules
 
 
@@ -22,7 +23,7 @@ class EmbedOptions:
     chunk_lines: int = DEFAULT_CHUNK_LINES
     id_field: str = "_id"
     text_field: str = "text"
-    dedupe_texts: bool = False
+    dedupe: bool = True  # each distinct text sent once per run (embed/dedupe.py); False: every row is sent
     input_format: str = "auto"  # or jsonl, json, csv, tsv, parquet, twarc2 (input.formats)
     rules: Rules = DEFAULT_RULES  # --text-mode and the filters (input.rules)
     restart: bool = False
@@ -33,6 +34,8 @@ class EmbedOptions:
     ray: Any = None  # an engines.ray.RayOptions: schedule the chunks on a Ray cluster (engines/ray.py)
     metrics_port: int | None = None  # serve Prometheus metrics here while the run lasts (embed/metrics.py)
     metrics_addr: str = "127.0.0.1"
+    reuse: list[str] = field(default_factory=list)  # earlier runs' shards/consolidated dirs: texts not sent
+    dedupe_files: Any = None  # set by the runner once the dedupe map is planned (a dedupe.DedupeFiles)
 
 
 @dataclass
@@ -42,7 +45,10 @@ class Summary:
     chunks_done_now: int = 0
     chunks_skipped: int = 0
     chunks_total: int = 0
-    embedded_texts: int = 0
+    embedded_texts: int = 0  # texts sent to the backend by this invocation
+    reused: int = 0  # rows of this invocation whose vector came from an earlier run (--reuse)
+    distinct_texts: int = 0  # distinct texts among the run's valid rows (0: not deduplicated)
+    planned_rows: int = 0  # valid rows of the whole run, as the dedupe plan counted them
     elapsed: float = 0.0
     model: str = ""
     dim: int = 0
@@ -71,24 +77,35 @@ class Summary:
             )
         if self.model:
             lines.append(f"Model: {self.model} ({self.dim} dimensions); shards in {self.shards_dir}")
-        if self.embedded_texts and self.embedded_texts != self.rows:
-            lines.append(f"Texts sent: {self.embedded_texts} (the rest were repeats, --dedupe-texts)")
+        if self.distinct_texts:
+            lines.append(
+                f"Texts: {self.planned_rows} rows in the run, {self.distinct_texts} distinct; "
+                f"sent now: {self.embedded_texts}, reused from earlier runs: {self.reused}"
+            )
         if self.stats:
             lines.append("Backend: " + ", ".join(f"{k}={v}" for k, v in self.stats.items()))
         return "\n".join(lines)
 
 
-def output_options(opts: EmbedOptions, info: BackendInfo) -> dict[str, object]:
-    """What besides the model and dimension must match on resume. Prompt and dimensions only when given, so a
-    run from before they existed resumes with the same key."""
+def output_options(opts: EmbedOptions, info: BackendInfo | None) -> dict[str, object]:
+    """What besides the model and dimension must match on resume (without ``info``: all but what the backend
+    reports). Prompt and dimensions only when given, so a run from before they existed resumes with the same key."""
     out: dict[str, object] = {
-        "normalize": info.normalize,
         "id_field": opts.id_field,
         "text_field": opts.text_field,
+        "dedupe": opts.dedupe_files is not None,  # a repeat holds its first occurrence's vector, bit for bit
+        "reuse": list(opts.reuse),  # vectors copied from these earlier outputs
     }
     # only what differs from the defaults, so a run started before these options resumes unchanged
     if opts.input_format != "auto":
         out["format"] = opts.input_format
     out.update(opts.rules.describe())
-    out.update({k: info.extra[k] for k in VECTOR_KEYS if k in info.extra})
+    if info is not None:
+        out["normalize"] = info.normalize
+        out.update({k: info.extra[k] for k in VECTOR_KEYS if k in info.extra})
     return out
+
+
+def chunk_options(opts: EmbedOptions) -> ChunkOptions:
+    """What each chunk's work needs (picklable, for device workers and Ray)."""
+    return ChunkOptions(opts.id_field, opts.text_field, dedupe=opts.dedupe_files, rules=opts.rules)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from tweet_embed import storage
 from tweet_embed._version import __version__
@@ -26,52 +26,22 @@ from tweet_embed.embed.chunks import (
     WorkDirs,
     WorkLock,
     check_manifest,
+    check_manifest_option,
     done_markers,
     finished_chunks,
-    iter_chunk_bytes,
     load_or_create_plan,
     manifest_key,
+    record_in_manifest,
 )
-from tweet_embed.embed.options import EmbedOptions, Summary, output_options
+from tweet_embed.embed.options import EmbedOptions, Summary, chunk_options, output_options
 from tweet_embed.embed.telemetry import RunMonitor
-from tweet_embed.embed.worker import (
-    ChunkOptions,
-    ChunkResult,
-    commit_chunk,
-    embed_block,
-    read_block,
-    run_pipeline,
-)
+from tweet_embed.embed.worker import ChunkResult, commit_chunk, embed_chunk, parse_chunks, run_pipeline
 from tweet_embed.input.records import InputError, ParsedBlock
 from tweet_embed.input.rules import rules_metadata
 from tweet_embed.progress import Progress
 
 log = logging.getLogger("tweet_embed")
 WRITE_QUEUE = 3  # finished chunks being written at once (writer threads)
-
-
-def parse_chunks(plan: Plan, pending: list[Chunk], opts: EmbedOptions) -> Iterator[tuple[Chunk, ParsedBlock]]:
-    """Parsed chunks in plan order: text files (JSONL, JSON arrays, CSV...) read sequentially once, Parquet
-    chunks by row range."""
-    copts = chunk_options(opts)
-    runs: list[tuple[str, list[Chunk]]] = []
-    for c in pending:
-        kind = plan.files[c.file_index].kind
-        if runs and runs[-1][0] == kind:
-            runs[-1][1].append(c)
-        else:
-            runs.append((kind, [c]))
-    for kind, chunks in runs:
-        if kind == "parquet":
-            for c in chunks:
-                yield c, read_block(plan.files[c.file_index], c, copts)
-            continue
-        for chunk, data in iter_chunk_bytes(plan, chunks):
-            yield chunk, read_block(plan.files[chunk.file_index], chunk, copts, data)
-
-
-def chunk_options(opts: EmbedOptions) -> ChunkOptions:
-    return ChunkOptions(opts.id_field, opts.text_field, opts.dedupe_texts, opts.rules)
 
 
 def check_columns(plan: Plan, opts: EmbedOptions) -> None:
@@ -129,6 +99,10 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         damaged = [f.damaged for f in plan.files if f.damaged]
         if reused and done:
             log.info("resuming: %d of %d chunks already done", len(done), len(plan.chunks))
+        if opts.reuse and not opts.dedupe:
+            raise PlanError("--reuse needs dedupe (it is on unless --no-dedupe is given)")
+        if pending and opts.dedupe:
+            await asyncio.to_thread(_plan_dedupe, opts, plan, summary)
         if pending and opts.ray is not None:
             from tweet_embed.embed.engines.ray import run_on_ray
 
@@ -143,10 +117,10 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
             job = {
                 "id_field": opts.id_field,
                 "text_field": opts.text_field,
-                "dedupe_texts": opts.dedupe_texts,
+                "dedupe": opts.dedupe_files,
                 "rules": opts.rules,
             }
-            out: dict[str, object] = {"id_field": opts.id_field, "text_field": opts.text_field}
+            out = output_options(opts, None)
             with _driver_monitor(opts, plan, pending, summary, "devices"):
                 await asyncio.to_thread(
                     run_on_devices,
@@ -166,10 +140,13 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
             await _run_pending(opts, plan, pending, factory, summary)
         else:
             log.info("all %d chunks are already done; nothing to send", len(plan.chunks))
-        for m in done_markers(dirs).values():
+        all_markers = done_markers(dirs).values()
+        for m in all_markers:
             summary.rejected += m.rejects
             for reason, n in m.skipped.items():
                 summary.skipped[reason] = summary.skipped.get(reason, 0) + n
+        if opts.dedupe_files is not None:
+            record_in_manifest(dirs, "texts", texts_report(all_markers, summary, len(plan.chunks)))
         summary.rejects_file = merge_rejects(dirs, plan)
         summary.elapsed = time.monotonic() - t0
         if damaged:
@@ -214,6 +191,40 @@ def _driver_monitor(
             metrics.close()
 
 
+def texts_report(markers: Iterable[Marker], summary: Summary, chunks: int) -> dict[str, object]:
+    """Rows, distinct texts, texts sent and vectors reused, over every finished chunk of the run."""
+    ms = list(markers)
+    return {
+        "rows_planned": summary.planned_rows,
+        "distinct_texts": summary.distinct_texts,
+        "chunks_done": len(ms),
+        "chunks": chunks,
+        "rows_written": sum(m.rows for m in ms),
+        "texts_sent": sum(m.embedded_texts for m in ms),
+        "vectors_reused": sum(m.reused for m in ms),
+    }
+
+
+def _plan_dedupe(opts: EmbedOptions, plan: Plan, summary: Summary) -> None:
+    """The run's dedupe map (planned once; a resume loads it), set on ``opts`` for the engines."""
+    from tweet_embed.embed.dedupe_plan import plan_dedupe
+
+    dirs = opts.dirs
+    if storage.is_uri(dirs.progress) and opts.ray is not None:
+        # the slot store is a local file every worker writes and reads: Ray nodes share no local disk
+        log.warning(
+            "--engine ray with an object-store work dir: texts are deduplicated inside each chunk only"
+        )
+        return
+    check_manifest_option(dirs, "dedupe", True)
+    check_manifest_option(dirs, "reuse", list(opts.reuse))
+    root = os.path.join(dirs.tmp if storage.is_uri(dirs.progress) else dirs.progress, "dedupe")
+    files, index = plan_dedupe(plan, root, chunk_options(opts), opts.reuse)
+    opts.dedupe_files = files
+    summary.distinct_texts = int(index["distinct_texts"])
+    summary.planned_rows = int(index["rows"])
+
+
 async def _run_pending(
     opts: EmbedOptions,
     plan: Plan,
@@ -252,13 +263,14 @@ async def _run_pending(
             check_manifest(dirs, key)
             metadata = {**info.metadata(), "version": __version__, **rules_metadata(opts.rules)}
             limiter = asyncio.Semaphore(max(1, info.max_in_flight))
-            gen = parse_chunks(plan, pending, opts)
+            copts = chunk_options(opts)
+            gen = parse_chunks(plan, pending, copts)
 
             async def embed(chunk: Chunk, block: ParsedBlock) -> ChunkResult:
                 label = plan.files[chunk.file_index].label
                 monitor.chunk_started(chunk.name)
-                return await embed_block(
-                    backend, block, info, dedupe=opts.dedupe_texts, limiter=limiter, file_label=label
+                return await embed_chunk(
+                    backend, chunk, block, info, copts, limiter=limiter, file_label=label
                 )
 
             def commit(chunk: Chunk, result: ChunkResult) -> Marker:
@@ -269,6 +281,7 @@ async def _run_pending(
             def done(chunk: Chunk, marker: Marker) -> None:
                 summary.rows += marker.rows
                 summary.embedded_texts += marker.embedded_texts
+                summary.reused += marker.reused
                 summary.chunks_done_now += 1
                 progress.add(marker.rows, chunk.n_lines)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tweet_embed import storage
-from tweet_embed.embed.chunks import Plan, WorkDirs, done_markers
+from tweet_embed.embed.chunks import Marker, Plan, WorkDirs, done_markers
 from tweet_embed.embed.telemetry import waiting_from_journal
 from tweet_embed.progress import fmt_eta
 
@@ -61,9 +61,30 @@ def run_status(dirs: WorkDirs) -> tuple[str, int]:
     waiting = waiting_from_journal(dirs.progress)
     if waiting:
         lines.append(waiting)
+    texts = _texts_line(dirs, done)
+    if texts:
+        lines.append(texts)
     for f in plan.files:
         if f.damaged:
             lines.append(f"damaged: {f.damaged}")
     complete = len(done) == len(plan.chunks)
     lines.append("complete" if complete else "incomplete: re-run the embed command to resume")
     return "\n".join(lines), 0 if complete else 1
+
+
+def _texts_line(dirs: WorkDirs, done: list[Marker]) -> str | None:
+    """Distinct texts (from the dedupe plan), texts sent and vectors reused so far; None without dedupe."""
+    import os
+
+    import orjson
+
+    for base in (dirs.progress, dirs.tmp):
+        data = storage.read_bytes(os.path.join(base, "dedupe", "index.json"))
+        if data is not None:
+            index = orjson.loads(data)
+            return (
+                f"texts: {index['rows']} rows, {index['distinct_texts']} distinct; "
+                f"sent: {sum(m.embedded_texts for m in done)}, reused from earlier runs: "
+                f"{sum(m.reused for m in done)}"
+            )
+    return None

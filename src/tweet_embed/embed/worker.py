@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,7 +18,17 @@ import numpy as np
 from tweet_embed import storage
 from tweet_embed.backends.base import Backend, BackendInfo, check_vectors
 from tweet_embed.backends.pool import BatchRefused
-from tweet_embed.embed.chunks import Chunk, InputFile, Marker, WorkDirs, write_marker
+from tweet_embed.embed.chunks import Chunk, InputFile, Marker, Plan, WorkDirs, iter_chunk_bytes, write_marker
+from tweet_embed.embed.dedupe import (
+    SLOT_OK,
+    SLOT_REFUSED,
+    ChunkMap,
+    DedupeError,
+    DedupeFiles,
+    SlotStore,
+    check_reuse_meta,
+    text_hashes,
+)
 from tweet_embed.input.formats import parse_block
 from tweet_embed.input.records import SNIPPET_CHARS, ParsedBlock, Reject, read_range
 from tweet_embed.input.rules import DEFAULT_RULES, Rules
@@ -32,7 +42,9 @@ class ChunkResult:
     ids: list[str]
     vectors: np.ndarray
     rejects: list[Reject]
-    embedded_texts: int  # texts actually sent (fewer than rows with --dedupe-texts)
+    embedded_texts: int  # texts actually sent (fewer than rows when repeats are deduplicated)
+    hashes: np.ndarray | None = None  # (rows, 16) uint8: each row's text_hash
+    reused: int = 0  # rows whose vector came from an earlier run (--reuse)
     skipped: dict[str, int] = field(default_factory=dict)  # rows left out by a filter, by reason
 
 
@@ -125,25 +137,24 @@ async def embed_block(
     block: ParsedBlock,
     info: BackendInfo,
     *,
-    dedupe: bool = False,
+    dedupe: tuple[ChunkMap, SlotStore] | None = None,
     limiter: asyncio.Semaphore | None = None,
     file_label: str = "",
 ) -> ChunkResult:
-    """Embed one chunk's parsed rows (optionally each distinct text once) and collect refusals as rejects."""
+    """Embed one chunk's parsed rows and collect refusals as rejects.
+
+    With ``dedupe`` (the chunk's slice of the run's dedupe map and the slot store) only the rows that are their
+    text's first occurrence are sent; repeats get their canonical's vector, bit for bit (see :mod:`.dedupe`).
+    """
     texts = block.texts
-    if dedupe and texts:
-        index: dict[str, int] = {}
-        inverse = np.fromiter(
-            (index.setdefault(t, len(index)) for t in texts), dtype=np.int64, count=len(texts)
-        )
-        unique = list(index)
-        uvecs, urefused = await embed_texts(backend, unique, info, limiter)
-        vectors = uvecs[inverse]
-        refused = {i: urefused[int(u)] for i, u in enumerate(inverse) if int(u) in urefused}
-        sent = len(unique)
-    else:
+    hashes = text_hashes(texts)
+    reused = 0
+    if dedupe is None:
         vectors, refused = await embed_texts(backend, texts, info, limiter)
         sent = len(texts)
+    else:
+        vectors, refused, sent = await _embed_deduped(backend, block, info, dedupe, limiter, file_label)
+        reused = int((dedupe[0].canon < 0).sum())
     rejects = list(block.rejects)
     ids = block.ids
     if refused:
@@ -153,8 +164,73 @@ async def embed_block(
             rejects.append(Reject(file_label, block.lines[i], reason, texts[i][:SNIPPET_CHARS]))
         ids = [x for x, k in zip(ids, keep, strict=True) if k]
         vectors = vectors[keep]
+        hashes = hashes[keep]
         rejects.sort(key=lambda r: r.line)
-    return ChunkResult(ids, vectors, rejects, sent, block.skipped)
+    return ChunkResult(ids, vectors, rejects, sent, hashes, reused, block.skipped)
+
+
+async def _embed_deduped(
+    backend: Backend,
+    block: ParsedBlock,
+    info: BackendInfo,
+    dedupe: tuple[ChunkMap, SlotStore],
+    limiter: asyncio.Semaphore | None,
+    label: str,
+) -> tuple[np.ndarray, dict[int, str], int]:
+    """(vectors, refused rows, texts sent): own texts embedded and published first, then repeats filled."""
+    cmap, store = dedupe
+    texts = block.texts
+    n = len(texts)
+    if len(cmap.canon) != n:
+        raise DedupeError(
+            f"{label}: a chunk holds {n} valid rows but the plan counted {len(cmap.canon)} (input changed "
+            "since the run was planned? --restart plans again)"
+        )
+    g = cmap.first + np.arange(n, dtype=np.int64)
+    own = np.flatnonzero(cmap.canon == g)
+    own_slot = cmap.slot[own]
+    # slots a killed attempt already published are final (write-once): take them instead of embedding again
+    preset = np.zeros(len(own), dtype=bool)
+    shared = np.flatnonzero(own_slot >= 0)
+    if len(shared):
+        preset[shared[store.flags(own_slot[shared]) != 0]] = True
+    todo = own[~preset]
+    vectors = np.zeros((n, info.dim), dtype=np.float32)
+    refused: dict[int, str] = {}
+    if len(todo):
+        vecs, ref = await embed_texts(backend, [texts[i] for i in todo.tolist()], info, limiter)
+        vectors[todo] = vecs
+        refused.update({int(todo[k]): reason for k, reason in ref.items()})
+    if preset.any():
+        done_rows, done_slots = own[preset], own_slot[preset]
+        vectors[done_rows] = await asyncio.to_thread(store.read, done_slots)
+        for i, f in zip(done_rows.tolist(), store.flags(done_slots).tolist(), strict=True):
+            if f == SLOT_REFUSED:
+                refused[i] = "server refused the text (in an earlier attempt of this chunk)"
+    publish = todo[cmap.slot[todo] >= 0]
+    if len(publish):
+        flags = np.array([SLOT_REFUSED if i in refused else SLOT_OK for i in publish.tolist()], np.uint8)
+        await asyncio.to_thread(store.write, cmap.slot[publish], vectors[publish], flags)
+    remote = np.flatnonzero(cmap.canon < cmap.first)
+    if len(remote):
+        slots = cmap.slot[remote]
+        if (slots < 0).any():
+            raise DedupeError(
+                f"{label}: the dedupe map names no slot for a repeat of an earlier chunk's text"
+            )
+        rflags = await store.wait(slots, label)
+        vectors[remote] = await asyncio.to_thread(store.read, slots)
+        for i, f in zip(remote.tolist(), rflags.tolist(), strict=True):
+            if f == SLOT_REFUSED:
+                refused[i] = "server refused the text (the same text at an earlier line)"
+    local = np.flatnonzero((cmap.canon >= cmap.first) & (cmap.canon != g))
+    if len(local):
+        src = cmap.canon[local] - cmap.first
+        vectors[local] = vectors[src]
+        for i, s in zip(local.tolist(), src.tolist(), strict=True):
+            if s in refused:
+                refused[i] = refused[s]
+    return vectors, refused, len(todo)
 
 
 def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: dict[str, str]) -> Marker:
@@ -166,7 +242,7 @@ def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: di
     tmp = dirs.tmp_path(chunk)
     os.makedirs(dirs.tmp, exist_ok=True)  # a Ray worker on another machine may not have it yet
     try:
-        write_table(make_table(result.ids, result.vectors, metadata), tmp)
+        write_table(make_table(result.ids, result.vectors, metadata, result.hashes), tmp)
         sha = file_sha256(tmp)
         storage.upload_file(tmp, dirs.shard_path(chunk))
     except BaseException:
@@ -188,6 +264,7 @@ def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: di
         n_lines=chunk.n_lines,
         embedded_texts=result.embedded_texts,
         skipped=result.skipped,
+        reused=result.reused,
     )
     write_marker(dirs, chunk, marker)
     return marker
@@ -199,7 +276,7 @@ class ChunkOptions:
 
     id_field: str = "_id"
     text_field: str = "text"
-    dedupe_texts: bool = False
+    dedupe: DedupeFiles | None = None  # the run's dedupe map and slot store; None: every row is sent
     rules: Rules = DEFAULT_RULES  # text mode and filters (input.rules)
 
 
@@ -313,10 +390,55 @@ async def process_chunk(
 ) -> Marker:
     """Read, parse, embed and commit one chunk: the whole unit of work of a Ray task or actor call."""
     block = await asyncio.to_thread(read_block, f, chunk, copts, data)
-    result = await embed_block(
-        backend, block, info, dedupe=copts.dedupe_texts, limiter=limiter, file_label=f.label
-    )
+    result = await embed_chunk(backend, chunk, block, info, copts, limiter=limiter, file_label=f.label)
     return await asyncio.to_thread(commit_chunk, dirs, chunk, result, metadata)
+
+
+async def embed_chunk(
+    backend: Backend,
+    chunk: Chunk,
+    block: ParsedBlock,
+    info: BackendInfo,
+    copts: ChunkOptions,
+    *,
+    limiter: asyncio.Semaphore | None = None,
+    file_label: str = "",
+) -> ChunkResult:
+    """:func:`embed_block` with this chunk's slice of the run's dedupe map, when the run deduplicates."""
+    if copts.dedupe is None:
+        return await embed_block(backend, block, info, limiter=limiter, file_label=file_label)
+    if copts.dedupe.reuse_meta:
+        check_reuse_meta(dict(copts.dedupe.reuse_meta), info.metadata(), copts.dedupe.reuse_label)
+    cmap = await asyncio.to_thread(ChunkMap.read, copts.dedupe, chunk.file_index, chunk.index)
+    store = SlotStore(copts.dedupe, info.dim)
+    try:
+        return await embed_block(
+            backend, block, info, dedupe=(cmap, store), limiter=limiter, file_label=file_label
+        )
+    finally:
+        store.close()
+
+
+def parse_chunks(
+    plan: Plan, pending: list[Chunk], copts: ChunkOptions
+) -> Iterator[tuple[Chunk, ParsedBlock]]:
+    """Parsed chunks in plan order: text files (JSONL, JSON arrays, CSV...) read sequentially once, Parquet
+    chunks by row range. The run loop's reader, and the dedupe planning scan's, which must see exactly the
+    rows and texts the run embeds."""
+    runs: list[tuple[str, list[Chunk]]] = []
+    for c in pending:
+        kind = plan.files[c.file_index].kind
+        if runs and runs[-1][0] == kind:
+            runs[-1][1].append(c)
+        else:
+            runs.append((kind, [c]))
+    for kind, chunks in runs:
+        if kind == "parquet":
+            for c in chunks:
+                yield c, read_block(plan.files[c.file_index], c, copts)
+            continue
+        for chunk, data in iter_chunk_bytes(plan, chunks):
+            yield chunk, read_block(plan.files[chunk.file_index], chunk, copts, data)
 
 
 def read_parquet_block(

@@ -91,9 +91,9 @@ async def _serve(
     """Take chunks until the parent's ``None``, in the same pipeline as the local engine (``run_pipeline``):
     up to ``CHUNKS_IN_FLIGHT`` chunks embedding (the local backend runs two calls at once, one tokenizing while
     the other is on the device) while the next is parsed and finished ones are written."""
-    from tweet_embed.embed.worker import ChunkOptions, commit_chunk, embed_block, read_block, run_pipeline
+    from tweet_embed.embed.worker import ChunkOptions, commit_chunk, embed_chunk, read_block, run_pipeline
 
-    copts = ChunkOptions(opts["id_field"], opts["text_field"], opts["dedupe_texts"], opts["rules"])
+    copts = ChunkOptions(opts["id_field"], opts["text_field"], dedupe=opts["dedupe"], rules=opts["rules"])
     stopping = threading.Event()
 
     def next_block() -> tuple[Chunk, Any] | None:
@@ -111,7 +111,7 @@ async def _serve(
 
     async def embed(chunk: Chunk, block: Any) -> Any:
         label = plan.files[chunk.file_index].label
-        return await embed_block(backend, block, info, dedupe=copts.dedupe_texts, file_label=label)
+        return await embed_chunk(backend, chunk, block, info, copts, file_label=label)
 
     try:
         await run_pipeline(
@@ -278,6 +278,7 @@ def run_on_devices(
                     outstanding -= 1
                     summary.rows += marker.rows
                     summary.embedded_texts += marker.embedded_texts
+                    summary.reused += marker.reused
                     summary.chunks_done_now += 1
                     progress.add(marker.rows, n_lines)
                 elif msg[0] == "stats":

@@ -310,7 +310,7 @@ async def run_on_ray(
     then lands here, which cancels the outstanding tasks before the error reaches the caller.
     """
     from tweet_embed._version import __version__
-    from tweet_embed.embed.options import output_options
+    from tweet_embed.embed.options import chunk_options, output_options
 
     ropts: RayOptions = opts.ray
     if isinstance(make_backend, BackendSpec):
@@ -323,7 +323,7 @@ async def run_on_ray(
         use_actors = bool(ropts.use_actors)
     d = opts.dirs
     dirs = WorkDirs(absolute(d.tmp), absolute(d.progress), absolute(d.shards))  # workers have another cwd
-    copts = ChunkOptions(opts.id_field, opts.text_field, opts.dedupe_texts, opts.rules)
+    copts = chunk_options(opts)
     key = uuid.uuid4().hex
 
     with _connected(ropts) as ray:
@@ -354,6 +354,7 @@ async def run_on_ray(
                 for chunk, marker, stats in run.results(_work_items(plan, pending)):
                     summary.rows += marker.rows
                     summary.embedded_texts += marker.embedded_texts
+                    summary.reused += marker.reused
                     summary.chunks_done_now += 1
                     for k, v in stats.items():
                         summary.stats[k] = summary.stats.get(k, 0) + v
