@@ -220,6 +220,28 @@ def test_arrays_and_csv_with_filters_on_ray(tmp_path, ray_local, server) -> None
     assert_exact(str(tmp_path / "w" / "shards"), kept)
 
 
+def test_dedupe_on_ray_gives_the_local_engine_bytes(tmp_path, ray_local, server) -> None:
+    """Half the rows repeat texts of earlier chunks and of the other file: Ray tasks wait for and read the same
+    shared vectors as the local engine, and send each distinct text once."""
+    a = list(synth_tweets(900, seed=8, repeat_fraction=0.5))
+    b = [(f"gz{i}", t) for i, t in a[:300]]  # the second file repeats the first's texts
+    (tmp_path / "a.jsonl").write_bytes(b"".join(orjson.dumps({"_id": i, "text": t}) + b"\n" for i, t in a))
+    (tmp_path / "b.jsonl.gz").write_bytes(
+        gzip.compress(b"".join(orjson.dumps({"_id": i, "text": t}) + b"\n" for i, t in b))
+    )
+    inputs, records = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")], a + b
+    spec = BackendSpec(urls=(server.embed_url,))
+    run_embed(options(inputs, str(tmp_path / "local"), None), spec)
+    server.reset_counters()
+    s = run_embed(options(inputs, str(tmp_path / "ray"), RayOptions()), spec)
+    assert s.rows == len(records) and s.embedded_texts == len({t for _, t in records}) < 0.6 * len(records)
+    assert sent(server) == Counter({t: 1 for _, t in records})
+    assert_exact(str(tmp_path / "ray" / "shards"), records)
+    lm = done_markers(WorkDirs.from_options(str(tmp_path / "local"), None, None, None))
+    rm = done_markers(WorkDirs.from_options(str(tmp_path / "ray"), None, None, None))
+    assert {k: m.sha256 for k, m in lm.items()} == {k: m.sha256 for k, m in rm.items()}
+
+
 def test_worker_killed_mid_chunk_is_retried_and_written_once(tmp_path, ray_local, server) -> None:
     inputs, records = write_inputs(tmp_path)
     victim = records[1234][1]  # line 1237 of a.jsonl: chunk part-0000-0000012

@@ -349,7 +349,9 @@ async def run_on_ray(
                 len(pending),
                 f"calls on {len(pool.ready)} actor(s)" if pool else f"tasks, {slots} at once",
             )
-            run = _Schedule(ray, ropts, opts.chunks_in_flight, ray.put(job), plan, pool)
+            run = _Schedule(
+                ray, ropts, opts.chunks_in_flight, ray.put(job), plan, pool, copts.dedupe is not None
+            )
             with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
                 for chunk, marker, stats in run.results(_work_items(plan, pending)):
                     summary.rows += marker.rows
@@ -392,8 +394,10 @@ class _Schedule:
         job_ref: Any,
         plan: Plan,
         pool: _ActorPool | None,
+        dedupe: bool = False,
     ) -> None:
         self.ray, self.ropts, self.job_ref, self.plan, self.pool = ray, ropts, job_ref, plan, pool
+        self.dedupe = dedupe
         self.chunks_in_flight = chunks_in_flight
         self.inflight: dict[Any, tuple[Chunk, bytes | None, Any]] = {}  # ref -> (chunk, its bytes, its actor)
         self.retry: list[tuple[Chunk, bytes | None]] = []
@@ -409,7 +413,11 @@ class _Schedule:
     def _limit(self) -> int:
         if self.pool is not None:
             return self.ropts.in_flight or 1 << 30  # the actors' free call slots are the limit
-        return self.ropts.in_flight or max(2 * _task_slots(self.ray, self.ropts), self.chunks_in_flight)
+        slots = _task_slots(self.ray, self.ropts)
+        limit = self.ropts.in_flight or max(2 * slots, self.chunks_in_flight)
+        # with dedupe a chunk may wait for an earlier chunk's shared vectors: only as many tasks as run at
+        # once, so the earliest unfinished chunk is always running, whatever order Ray starts queued tasks in
+        return min(limit, slots) if self.dedupe else limit
 
     def _can_submit(self) -> bool:
         return len(self.inflight) < self.limit and (self.pool is None or bool(self.pool.free))
