@@ -16,8 +16,8 @@ How each figure is made (so a reader can judge it):
   has no TEI ``/tokenize`` (OpenAI-compatible servers, the in-process model).
 * ``--calibrate SECONDS``: real batches of sampled texts through the real backend with ``embed``'s batch size
   and concurrency, for that long; docs/s counted after the first fifth (warm-up), per endpoint and in total.
-* ``estimated_seconds``: texts still to send (valid rows of the chunks not done yet; distinct texts with
-  ``--dedupe-texts``) / measured docs/s.  ``bench/plan_accuracy.py`` prints its error against real runs.
+* ``estimated_seconds``: texts still to send (valid rows of the chunks not done yet; distinct texts unless
+  ``--no-dedupe``) / measured docs/s.  ``bench/plan_accuracy.py`` prints its error against real runs.
 * Bytes: shards ``rows × (4·dim + id + 4)`` (uncompressed float32 vectors, see parquet.py); consolidated
   ``rows × (4·dim + 8 + id)``; BigQuery ``rows × (8·dim + id + 2)`` (ARRAY<FLOAT64> is 8 bytes an element,
   STRING 2 + UTF-8 bytes, per BigQuery's storage pricing).  A ``VECTOR_SEARCH`` without a vector index reads
