@@ -214,3 +214,44 @@ def test_tiny_inputs(tmp_path, lines: int) -> None:
     with TEIServer(dim=DIM) as srv:
         r = embed(tmp_path / "in.jsonl", srv, tmp_path / "w")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_lost_first_chunk_is_not_waited_for_and_the_first_publisher_wins(tmp_path, monkeypatch) -> None:
+    """Chunk 1 repeats a text of chunk 0, which never runs (a lost actor, a task not started): after its
+    patience chunk 1 embeds and publishes the text itself; chunk 0 then takes the published vector instead of
+    sending the text again, so both shards hold the same bytes."""
+    import asyncio
+
+    from tweet_embed.embed import worker
+    from tweet_embed.embed.chunks import make_plan
+    from tweet_embed.embed.dedupe import SLOT_OK, SlotStore
+    from tweet_embed.embed.dedupe_plan import plan_dedupe
+
+    from conftest import CountingBackend, text_vector
+
+    write_jsonl(tmp_path / "in.jsonl", [("1", "a"), ("2", "b"), ("3", "a"), ("4", "c")])
+    plan = make_plan([str(tmp_path / "in.jsonl")], chunk_lines=2)
+    files, index = plan_dedupe(plan, str(tmp_path / "dedupe"))
+    assert index["distinct_texts"] == 3 and files.slots == 1
+    copts = worker.ChunkOptions(dedupe=files)
+    be = CountingBackend(dim=4)
+    monkeypatch.setattr(worker, "PATIENCE", 0.05)
+
+    async def run(i: int) -> worker.ChunkResult:
+        info = await be.start()
+        block = worker.read_block(plan.files[0], plan.chunks[i], copts)
+        return await worker.embed_chunk(be, plan.chunks[i], block, info, copts)
+
+    late = asyncio.run(run(1))
+    assert late.embedded_texts == 2 and be.texts == Counter({"a": 1, "c": 1})
+    first = asyncio.run(run(0))
+    assert first.embedded_texts == 1 and be.texts == Counter({"a": 1, "b": 1, "c": 1})
+    np.testing.assert_array_equal(first.vectors[0], late.vectors[0])
+    np.testing.assert_array_equal(first.vectors, np.stack([text_vector(t, 4) for t in "ab"]))
+    store = SlotStore(files, 4)
+    try:  # a second publisher gets the first one's vector back, and the slot keeps it
+        got, flags = store.publish(np.array([0]), np.ones((1, 4), np.float32), np.array([SLOT_OK], np.uint8))
+        np.testing.assert_array_equal(got[0], text_vector("a", 4))
+        np.testing.assert_array_equal(store.read(np.array([0]))[0], text_vector("a", 4))
+    finally:
+        store.close()

@@ -16,14 +16,18 @@ Crash safety and determinism:
 - Slots are write-once: a chunk that finds its slot already set (a killed run wrote it) takes that vector
   instead of embedding the text again, so a repeat that read the slot and the canonical's shard always hold the
   same bytes, whatever moment the run was killed at.
+- Publishing is first-writer-wins under a lock (:meth:`SlotStore.publish`), and the publisher's own rows take
+  what the slot holds afterwards.
 - A repeat waits for its slot's flag. Chunks are handed out in plan order and canonicals come first, so the
-  earliest chunk still writing slots never waits: no deadlock, whatever the engine's concurrency.
+  earliest chunk still writing slots never waits; and a repeat that has waited ``PATIENCE`` seconds embeds
+  and publishes the text itself, so a lost chunk cannot hold the others up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import time
 from collections.abc import Sequence
@@ -37,7 +41,10 @@ HASH_BYTES = 16
 MAP_RECORD = np.dtype([("canon", "<i8"), ("slot", "<i8")])  # per valid row, in plan order
 SLOT_OK, SLOT_REFUSED = 1, 2
 WAIT_POLL = 0.01  # seconds between looks at the flags of slots another chunk is still embedding
-WAIT_LIMIT = 3600.0  # a slot that stays unset this long means its chunk is not running: say so
+# A repeat waits this long for the chunk that embeds its text first, then embeds and publishes the text itself
+# (first publisher wins, so both chunks still hold the same bytes): a lost or stalled chunk (an actor gone with
+# its node, a task Ray has not started) never holds the run up for longer.
+PATIENCE = 120.0
 
 
 class DedupeError(BackendError):
@@ -172,8 +179,35 @@ class SlotStore:
             out[i] = np.frombuffer(os.pread(self._vec, rec, s * rec), np.float32)
         return out
 
+    def publish(
+        self, slots: np.ndarray, vectors: np.ndarray, flags: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Publish vectors into slots that are still unset; the first publisher wins.
+
+        Returns the vectors and flags the slots hold afterwards (ours, or an earlier publisher's), which the
+        caller must use for its own rows, so that a shard and every repeat read from the slot agree bit for bit.
+        Under an exclusive ``flock`` of the flags file: check, write vectors, make them durable, then the flags.
+        """
+        vectors = np.array(vectors, dtype=np.float32, copy=True)
+        flags = np.array(flags, dtype=np.uint8, copy=True)
+        if len(slots) == 0:
+            return vectors, flags
+        fcntl.flock(self._flg, fcntl.LOCK_EX)
+        try:
+            current = self.flags(slots)
+            taken = current != 0
+            if taken.any():
+                vectors[taken] = self.read(slots[taken])
+                flags[taken] = current[taken]
+            if (~taken).any():
+                self.write(slots[~taken], vectors[~taken], flags[~taken])
+        finally:
+            fcntl.flock(self._flg, fcntl.LOCK_UN)
+        return vectors, flags
+
     def write(self, slots: np.ndarray, vectors: np.ndarray, flags: np.ndarray) -> None:
-        """Vectors first, made durable, then the flags that publish them (a reader never sees a torn one)."""
+        """Vectors first, made durable, then the flags that publish them (a reader never sees a torn one).
+        Unconditional: use :meth:`publish` where another chunk may publish the same slots."""
         if len(slots) == 0:
             return
         rec = self.dim * 4
@@ -186,19 +220,13 @@ class SlotStore:
             os.pwrite(self._flg, bytes((f,)), s)
         os.fdatasync(self._flg)
 
-    async def wait(self, slots: np.ndarray, what: str) -> np.ndarray:
-        """The flags of ``slots`` once all are set (other chunks still embedding them set them soon)."""
+    async def wait(self, slots: np.ndarray, patience: float) -> np.ndarray:
+        """The flags of ``slots``, once all are set or ``patience`` seconds have passed (0 = unset)."""
         t0 = time.monotonic()
         delay = WAIT_POLL
         while True:
             f = self.flags(slots)
-            if len(f) == 0 or f.all():
+            if len(f) == 0 or f.all() or time.monotonic() - t0 > patience:
                 return f
-            if time.monotonic() - t0 > WAIT_LIMIT:
-                missing = int((f == 0).sum())
-                raise DedupeError(
-                    f"{what}: {missing} repeated text(s) still wait for the chunk that embeds them first after "
-                    f"{WAIT_LIMIT:.0f}s; is that chunk running? (--no-dedupe embeds every row on its own)"
-                )
             await asyncio.sleep(delay)
             delay = min(0.2, delay * 1.5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from tweet_embed.backends.base import Backend, BackendInfo, check_vectors
 from tweet_embed.backends.pool import BatchRefused
 from tweet_embed.embed.chunks import Chunk, InputFile, Marker, Plan, WorkDirs, iter_chunk_bytes, write_marker
 from tweet_embed.embed.dedupe import (
+    PATIENCE,
     SLOT_OK,
     SLOT_REFUSED,
     ChunkMap,
@@ -34,6 +36,7 @@ from tweet_embed.input.records import SNIPPET_CHARS, ParsedBlock, Reject, read_r
 from tweet_embed.input.rules import DEFAULT_RULES, Rules
 from tweet_embed.parquet import file_sha256, make_table, write_table
 
+log = logging.getLogger("tweet_embed")
 MAX_BATCH_CHARS = 400_000  # keeps request bodies well under TEI's 2 MB payload limit
 
 
@@ -209,16 +212,31 @@ async def _embed_deduped(
                 refused[i] = "server refused the text (in an earlier attempt of this chunk)"
     publish = todo[cmap.slot[todo] >= 0]
     if len(publish):
-        flags = np.array([SLOT_REFUSED if i in refused else SLOT_OK for i in publish.tolist()], np.uint8)
-        await asyncio.to_thread(store.write, cmap.slot[publish], vectors[publish], flags)
+        await _publish(store, cmap.slot[publish], publish, vectors, refused)
     remote = np.flatnonzero(cmap.canon < cmap.first)
+    sent = len(todo)
     if len(remote):
         slots = cmap.slot[remote]
         if (slots < 0).any():
             raise DedupeError(
                 f"{label}: the dedupe map names no slot for a repeat of an earlier chunk's text"
             )
-        rflags = await store.wait(slots, label)
+        rflags = await store.wait(slots, PATIENCE)
+        if not rflags.all():  # the chunk that embeds these first is lost or stalled: embed them here
+            late_slots, first_row = np.unique(slots[rflags == 0], return_index=True)
+            late_rows = remote[rflags == 0][first_row]
+            log.warning(
+                "%s: %d repeated text(s) not published by their first chunk after %.0fs: embedding them here",
+                label,
+                len(late_rows),
+                PATIENCE,
+            )
+            vecs, ref = await embed_texts(backend, [texts[i] for i in late_rows.tolist()], info, limiter)
+            vectors[late_rows] = vecs
+            late_refused = {int(late_rows[k]): r for k, r in ref.items()}
+            await _publish(store, late_slots, late_rows, vectors, late_refused)
+            sent += len(late_rows)
+            rflags = store.flags(slots)
         vectors[remote] = await asyncio.to_thread(store.read, slots)
         for i, f in zip(remote.tolist(), rflags.tolist(), strict=True):
             if f == SLOT_REFUSED:
@@ -230,7 +248,22 @@ async def _embed_deduped(
         for i, s in zip(local.tolist(), src.tolist(), strict=True):
             if s in refused:
                 refused[i] = refused[s]
-    return vectors, refused, len(todo)
+    return vectors, refused, sent
+
+
+async def _publish(
+    store: SlotStore, slots: np.ndarray, rows: np.ndarray, vectors: np.ndarray, refused: dict[int, str]
+) -> None:
+    """Publish ``rows``' vectors into ``slots``; rows whose slot another chunk published first take its vector
+    (and its refusal), so this chunk's shard holds exactly what the slot's readers get."""
+    flags = np.array([SLOT_REFUSED if i in refused else SLOT_OK for i in rows.tolist()], np.uint8)
+    final, final_flags = await asyncio.to_thread(store.publish, slots, vectors[rows], flags)
+    vectors[rows] = final
+    for i, f in zip(rows.tolist(), final_flags.tolist(), strict=True):
+        if f == SLOT_REFUSED:
+            refused.setdefault(i, "server refused the text (in another chunk)")
+        else:
+            refused.pop(i, None)
 
 
 def commit_chunk(dirs: WorkDirs, chunk: Chunk, result: ChunkResult, metadata: dict[str, str]) -> Marker:
