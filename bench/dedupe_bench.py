@@ -243,9 +243,10 @@ def main() -> None:
     args = ap.parse_args()
     res = bench_plan(args) if args.mode == "plan" else bench_e2e(args)
     print(json.dumps(res, indent=1))
-    name = "dedupe_plan" if args.mode == "plan" else "dedupe_e2e"
     if args.mode == "plan":
-        name += f"_{args.lines // 1_000_000}M"
+        name = f"dedupe_plan_{args.lines // 1_000_000}M"
+    else:
+        name = f"dedupe_e2e_c{args.capacity:g}"
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", f"{name}.json"), "w") as fh:
         json.dump(res, fh, indent=1)
