@@ -146,7 +146,7 @@ def main() -> int:
             spec = BackendSpec(urls=(srv.embed_url,), workers=cores)  # the CLI's default: all cores
             thread_spec = BackendSpec(urls=(srv.embed_url,))  # decoding in one thread of the process
             t0 = time.perf_counter()
-            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=True)
             results["ray_init_seconds"] = round(time.perf_counter() - t0, 2)
             print(f"ray.init: {results['ray_init_seconds']}s", flush=True)
             try:

@@ -57,7 +57,8 @@ def ray_local(s3):
     """One local Ray instance for the module; workers inherit the S3 settings and can import this module."""
     os.environ["PYTHONPATH"] = os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # "local": a new instance even while a multi-node test cluster runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
@@ -156,6 +157,36 @@ class RefusingBackend(Backend):
 
 def refusing() -> Backend:
     return RefusingBackend()
+
+
+@dataclass(frozen=True)
+class FailOnce:
+    """An I/O error (an object-store hiccup) the first time any worker embeds; a flag file makes it once."""
+
+    spec: BackendSpec
+    flag: str
+
+    def __call__(self) -> Backend:
+        return FailOnceBackend(self.spec.build(), self.flag)
+
+
+class FailOnceBackend(Backend):
+    def __init__(self, inner: Backend, flag: str) -> None:
+        self.inner, self.flag = inner, flag
+
+    async def start(self) -> BackendInfo:
+        return await self.inner.start()
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        try:
+            fd = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return await self.inner.embed(texts)
+        os.close(fd)
+        raise OSError("connection reset by the object store (the fake)")
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -296,6 +327,18 @@ def test_object_store_input_shards_and_markers(tmp_path, ray_local, s3, server) 
     lo, ro = read_output(str(tmp_path / "local" / "shards")), read_output(f"{work}/shards")
     assert lo[0] == ro[0] and lo[2] == ro[2]
     np.testing.assert_array_equal(lo[1], ro[1])
+
+
+def test_actor_io_error_is_retried_on_an_actor(tmp_path, ray_local, server) -> None:
+    """An OSError in a chunk on an actor is retried (as tasks retry it), and the output is exact."""
+    inputs, records = write_inputs(tmp_path)
+    flag = str(tmp_path / "failed")
+    factory = FailOnce(BackendSpec(urls=(server.embed_url,)), flag)
+    ropts = RayOptions(use_actors=True, actors=1, gpus_per_actor=0, cpus_per_actor=1)
+    s = run_embed(options(inputs, str(tmp_path / "w"), ropts), factory)
+    assert os.path.exists(flag)
+    assert s.rows == len(records) and s.chunks_done_now == 20
+    assert_exact(str(tmp_path / "w" / "shards"), records)
 
 
 def test_in_process_model_runs_in_actors(tmp_path, ray_local) -> None:

@@ -32,7 +32,6 @@ import atexit
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import signal
 import threading
@@ -140,7 +139,9 @@ class _Runtime:
                 backend = factory()
                 info = await backend.start()
                 self.backend, self.info, self.key = backend, info, key
-                share = max(2, math.ceil(info.max_in_flight / max(1, slots)))
+                # the servers' capacity shared out, rounded down: rounded up, the tasks together queue more
+                # than the servers accept and get 429s (bench/ray_nodes.py, 3 nodes)
+                share = max(1, info.max_in_flight // max(1, slots))
                 self.limiter = asyncio.Semaphore(share)
             return self.backend, self.info
 
@@ -263,12 +264,16 @@ def _connected(ropts: RayOptions) -> Iterator[Any]:
         return
     kwargs = dict(ropts.init_kwargs)
     kwargs.setdefault("log_to_driver", True)
-    if ropts.address is None and not os.environ.get("RAY_ADDRESS"):
+    address = ropts.address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
         kwargs.setdefault("include_dashboard", False)
+        # a new local instance, as documented: ray.init() with no address would join whatever cluster was
+        # last started on this machine (`ray start --head`, another user's), found in /tmp/ray
+        address = "local"
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     t0 = time.monotonic()
-    ray.init(address=ropts.address, **kwargs)
+    ray.init(address=address, **kwargs)
     if main and previous is not None:
         signal.signal(signal.SIGTERM, previous)  # keep the CLI's SIGTERM → clean stop, exit code 130
     res = ray.cluster_resources()
@@ -471,7 +476,14 @@ class _Schedule:
                         self._actor_lost(actor, chunk, data, exc)
                         continue
                     except Exception as exc:
-                        raise _unwrap(ray, exc) from None
+                        err = _unwrap(ray, exc)
+                        if self.pool is None or not isinstance(err, OSError):
+                            raise err from None
+                        # as tasks retry OSError (an object-store hiccup): again, on whichever actor is free
+                        self._count_attempt(chunk, err)
+                        self.pool.release(actor)
+                        self.retry.append((chunk, data))
+                        continue
                     if self.pool is not None:
                         self.pool.release(actor)
                     yield chunk, marker, stats
@@ -481,13 +493,18 @@ class _Schedule:
                     ray.cancel(ref)
             raise
 
-    def _actor_lost(self, actor: Any, chunk: Chunk, data: bytes | None, exc: BaseException) -> None:
-        assert self.pool is not None
+    def _count_attempt(self, chunk: Chunk, exc: BaseException) -> int:
+        """One more failed attempt of ``chunk`` on an actor; past ``max_retries`` the run stops."""
         n = self.attempts[chunk.name] = self.attempts.get(chunk.name, 0) + 1
         if n > self.ropts.max_retries:
             raise ClusterError(
-                f"chunk {chunk.name}: its actor was lost {n} times (last: {type(exc).__name__}: {exc})"
+                f"chunk {chunk.name} failed {n} times on actors (last: {type(exc).__name__}: {exc})"
             ) from None
+        return n
+
+    def _actor_lost(self, actor: Any, chunk: Chunk, data: bytes | None, exc: BaseException) -> None:
+        assert self.pool is not None
+        n = self._count_attempt(chunk, exc)
         self.pool.lost(actor, exc)
         log.warning("chunk %s: its actor was lost; it goes to another actor (attempt %d)", chunk.name, n + 1)
         self.retry.append((chunk, data))
