@@ -186,8 +186,8 @@ def load_dedupe(root: str, plan: Plan) -> tuple[DedupeFiles, dict[str, Any]] | N
             index = orjson.loads(fh.read())
     except (OSError, orjson.JSONDecodeError):
         return None
-    if index.get("format") != FORMAT or index.get("chunks") != len(plan.chunks):
-        return None
+    if index.get("format") != FORMAT or index.get("plan") != _plan_digest(plan):
+        return None  # another plan (plan.json removed by hand, say): plan the map again
     return _files(root, index), index
 
 
@@ -325,6 +325,7 @@ def plan_dedupe(
     index = {
         "format": FORMAT,
         "chunks": len(plan.chunks),
+        "plan": _plan_digest(plan),
         "chunk_offsets": list(files.chunk_offsets),
         "rows": rows,
         "distinct_texts": distinct,
@@ -348,6 +349,13 @@ def plan_dedupe(
         index["seconds"],
     )
     return files, index
+
+
+def _plan_digest(plan: Plan) -> str:
+    """Which plan a map belongs to (the stored plan is reused verbatim on resume, so this is stable)."""
+    import hashlib
+
+    return hashlib.sha256(plan.to_json()).hexdigest()
 
 
 def _offsets(plan: Plan) -> list[int]:
