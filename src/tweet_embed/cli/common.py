@@ -45,7 +45,7 @@ def add_format_options(g: argparse._ArgumentGroup) -> None:
         dest="input_format",
         choices=("auto", "jsonl", "json", "csv", "tsv", "parquet", "twarc2"),
         default="auto",
-        help="input format; default: detected from each file's content (docs/input.md)",
+        help="input format; auto: told from each file's content (docs/input.md)",
     )
     g.add_argument(
         "--text-mode",

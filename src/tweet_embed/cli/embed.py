@@ -132,9 +132,7 @@ def add_embed_parser(
     )
     add_dir_options(p)
     g = p.add_argument_group("input and chunks")
-    g.add_argument(
-        "--id-field", default="_id", help="id field, column, or dotted path (user.id_str); default _id"
-    )
+    g.add_argument("--id-field", default="_id", help="id field, column, or dotted path (user.id_str)")
     g.add_argument(
         "--text-field",
         default="text",
