@@ -5,7 +5,7 @@ monitor); reading them at scrape time costs the run nothing between scrapes and 
 the summary.  prometheus_client does the format and the HTTP server (a daemon thread).
 
 Names (all ``tweet_embed_``; counters end in ``_total``):
-``rows_total``, ``texts_sent_total``, ``rejects_total{reason}``, ``retries_total{cause}``,
+``rows_total``, ``texts_sent_total``, ``distinct_texts``, ``reused_rows_total``, ``rejects_total{reason}``, ``retries_total{cause}``,
 ``chunks_done`` and ``chunks`` (gauges, this run's plan, earlier runs included), ``eta_seconds``,
 ``docs_per_second`` (average of this run), ``waiting_seconds`` (no server has answered for this long while
 work waits; 0 normally); per endpoint (label ``endpoint`` = host:port): ``endpoint_requests_total``,
@@ -34,6 +34,15 @@ def collect(monitor: RunMonitor) -> Iterator[Any]:
     )
     yield CounterMetricFamily(
         "tweet_embed_texts_sent", "Texts sent to the backend in this run", value=monitor.sent()
+    )
+    distinct, reused = monitor.distinct_and_reused()
+    yield GaugeMetricFamily(
+        "tweet_embed_distinct_texts",
+        "Distinct texts among the run's rows (0: not deduplicated)",
+        value=distinct,
+    )
+    yield CounterMetricFamily(
+        "tweet_embed_reused_rows", "Rows whose vector came from an earlier run", value=reused
     )
     rej = CounterMetricFamily("tweet_embed_rejects", "Input lines rejected, by reason", labels=["reason"])
     for reason, n in sorted(dict(monitor.rejects).items()):

@@ -184,6 +184,8 @@ def _driver_monitor(
                 "rows": summary.rows,
                 "texts_sent": summary.embedded_texts,
                 "chunks_done_now": summary.chunks_done_now,
+                "distinct_texts": summary.distinct_texts,
+                "reused": summary.reused,
                 "stats": dict(summary.stats),
             }
         )
@@ -252,6 +254,7 @@ async def _run_pending(
     total = sum(c.n_lines for c in pending)
     progress = Progress(total_rows=total, interval=opts.log_interval, note=monitor.note)
     monitor.progress = progress
+    monitor.summary = summary  # distinct texts and reused rows (dedupe) for the journal and /metrics
     # Progress and the journal start before the backend does: waiting for a server that does not answer
     # (at start too) shows in the 5-second line, the journal and `status`.
     monitor.start()
@@ -300,6 +303,8 @@ async def _run_pending(
                 "rows": summary.rows,
                 "texts_sent": summary.embedded_texts,
                 "chunks_done_now": summary.chunks_done_now,
+                "distinct_texts": summary.distinct_texts,
+                "reused": summary.reused,
                 "stats": backend.stats(),
             }
         )

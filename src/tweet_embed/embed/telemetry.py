@@ -157,6 +157,12 @@ class RunMonitor:
             return int(self.summary.embedded_texts)
         return self.texts_sent
 
+    def distinct_and_reused(self) -> tuple[int, int]:
+        """Distinct texts among the run's rows (0 with --no-dedupe) and rows whose vector came from --reuse."""
+        if self.summary is None:
+            return 0, 0
+        return int(getattr(self.summary, "distinct_texts", 0)), int(getattr(self.summary, "reused", 0))
+
     def retries(self) -> dict[str, int]:
         if self.backend is not None:
             stats = self.backend.stats()
@@ -234,6 +240,8 @@ class RunMonitor:
             "elapsed": round(now - self._start, 3),
             "rows": rows,
             "texts_sent": texts_sent,
+            "distinct_texts": self.distinct_and_reused()[0],
+            "reused": self.distinct_and_reused()[1],
             "rejects": rejects,
             "retries": self.retries(),
             "chunks_done": self.chunks_done(),
