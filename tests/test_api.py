@@ -18,4 +18,6 @@ def test_embed_multi_with_prompt_name_and_dimensions() -> None:
         got = np.stack([v for _, v in out])
         want = expected_vectors([f"passage: {t}" for _, t in records], 32, True, dimensions=4)
         np.testing.assert_array_equal(got, want)
-        assert {(r.prompt_name, r.dimensions) for r in srv.received if r.route == "embed"} >= {("document", 4)}
+        assert {(r.prompt_name, r.dimensions) for r in srv.received if r.route == "embed"} >= {
+            ("document", 4)
+        }
