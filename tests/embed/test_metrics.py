@@ -17,7 +17,7 @@ from tweet_embed.embed.chunks import WorkDirs
 from tweet_embed.embed.runner import EmbedOptions, run_embed
 from tweet_embed.embed.telemetry import read_journal
 from tweet_embed.testing.server import TEIServer
-from tweet_embed.testing.synth import write_jsonl
+from tweet_embed.testing.synth import synth_tweets, write_jsonl
 
 DIM = 16
 
@@ -132,7 +132,8 @@ def test_devices_engine_journal_and_metrics_from_the_driver(
         summary = run_embed(opts, BackendSpec(urls=(srv.embed_url,)))
     [end] = final
     assert total(end, "tweet_embed_rows_total") == summary.rows == 600
-    assert total(end, "tweet_embed_texts_sent_total") == summary.embedded_texts <= 600  # repeats sent once
+    distinct = len({t for _, t in synth_tweets(600, seed=8)})  # each distinct text sent once (dedupe)
+    assert total(end, "tweet_embed_texts_sent_total") == summary.embedded_texts == distinct
     assert end[("tweet_embed_chunks_done", ())] == 6
     events = read_journal(str(tmp_path / "w" / "progress"))
     start = next(e for e in events if e["event"] == "start")
