@@ -22,6 +22,18 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+CPU_THREADS_ENV = "TWEET_EMBED_CPU_THREADS"
+
+
+def cpu_threads() -> int:
+    """Compute threads for one in-process model on CPU: ``TWEET_EMBED_CPU_THREADS`` (set by the device pool
+    for each of K workers sharing the cores), else every core this process may run on."""
+    env = os.environ.get(CPU_THREADS_ENV)
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return available_cores()
+
+
 def exit_with_parent(parent: int | None = None, interval: float = 1.0) -> None:
     """Start a daemon thread that ends this process (``os._exit``) once ``parent`` (default: the current
     parent) is gone, i.e. this process has been re-parented."""

@@ -45,7 +45,9 @@ def run(coro):
 
 @pytest.fixture(scope="module")
 def minilm():
-    b = LocalBackend(device="cpu")
+    # the torch pipeline (its forward, lean BERT, tokenizer processes): OpenVINO, the CPU default, has its own
+    # tests (test_backend_local_openvino.py)
+    b = LocalBackend(device="cpu", runtime="torch")
     info = run(b.start())
     yield b, info
     run(b.close())
@@ -151,7 +153,7 @@ def test_info_and_matches_sentence_transformers(minilm, reference):
     backend, info = minilm
     assert info.kind == "local" and info.model == MINILM_ID and info.dim == 384 and info.normalize
     assert info.max_batch >= 256 and info.max_in_flight >= 1
-    assert info.extra == {"dtype": "float32"}
+    assert info.extra == {"runtime": "torch", "dtype": "float32"}
     assert backend._fwd.mask4d  # the installed transformers takes the ready 4-D mask (no host sync per batch)
     texts = list(TWEETS)
     np.random.default_rng(3).shuffle(texts)
@@ -210,7 +212,7 @@ def test_small_token_budget_splits_but_same_vectors(minilm):
     backend, _ = minilm
     texts = TWEETS[:20]
     ref = run(backend.embed(texts))
-    small = LocalBackend(device="cpu", token_budget=64)
+    small = LocalBackend(device="cpu", token_budget=64, runtime="torch")
     run(small.start())
     out = run(small.embed(texts))
     st = small.stats()
@@ -222,7 +224,7 @@ def test_small_token_budget_splits_but_same_vectors(minilm):
 def test_tokenizer_processes_give_the_same_ids_and_vectors(minilm):
     backend, _ = minilm
     texts = [f"{t} #{i}" for i, t in enumerate(TWEETS * 9)]  # 630 texts: split across the processes
-    pooled = LocalBackend(device="cpu", tokenizer_workers=2)
+    pooled = LocalBackend(device="cpu", tokenizer_workers=2, runtime="torch")
     try:
         run(pooled.start())
         assert pooled.stats()["tokenizer_workers"] == 2 and pooled._pool is not None
@@ -235,7 +237,7 @@ def test_tokenizer_processes_give_the_same_ids_and_vectors(minilm):
 
 
 def _daemon_child(out):  # runs in a daemonic spawned process, like a per-device worker
-    b = LocalBackend("random:L2-H64", device="cpu", tokenizer_workers=2)
+    b = LocalBackend("random:L2-H64", device="cpu", tokenizer_workers=2, runtime="torch")
     run(b.start())
     vecs = run(b.embed([f"tweet number {i}" for i in range(600)]))
     out.put((b.stats()["tokenizer_workers"], vecs.shape))

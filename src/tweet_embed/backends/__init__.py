@@ -76,6 +76,7 @@ def make_backend(
     workers: int | None = None,
     dtype: str | None = None,
     options: VectorOptions | None = None,
+    runtime: str | None = None,
 ) -> Backend:
     """Build the backend a run asks for (see module doc); ``options``: prompt and dimensions."""
     tei = split_urls(urls)
@@ -113,6 +114,7 @@ def make_backend(
         batch_size=batch_size,
         dtype=dtype,
         options=options,
+        runtime=runtime,
     )
 
 
@@ -134,10 +136,11 @@ class BackendSpec:
     insecure: bool = False
     device: str | None = None
     workers: int | None = None  # response-decoding processes of HTTP backends (None: one thread)
-    dtype: str | None = None  # local model: fp16 / bf16 / fp32 (None: fp16 on GPUs, fp32 on CPUs)
+    dtype: str | None = None  # local model: fp16 / bf16 / fp32 (None: fp16 on GPUs; CPUs: see runtime)
     prompt: str | None = None  # text before every input (--prompt)
     prompt_name: str | None = None  # a name in the model's sentence-transformers prompts (--prompt-name)
     dimensions: int | None = None  # Matryoshka: keep the first N dimensions (--dimensions)
+    runtime: str | None = None  # local model on CPU: openvino / torch (None: openvino when installed)
 
     def __repr__(self) -> str:  # URLs redacted, no key: safe in log lines, tracebacks and Ray task errors
         from tweet_embed.backends.pool import redact_url
@@ -168,4 +171,5 @@ class BackendSpec:
             workers=self.workers,
             dtype=self.dtype,
             options=VectorOptions(self.prompt, self.prompt_name, self.dimensions),
+            runtime=self.runtime,
         )

@@ -116,7 +116,14 @@ def add_embed_parser(
     g.add_argument(
         "--dtype",
         choices=("fp16", "bf16", "fp32"),
-        help="local model precision; default: fp16 on GPUs, fp32 on CPUs (bf16 works on both)",
+        help="local model precision; default: fp16 on GPUs; on CPUs bf16 where the CPU has it natively "
+        "(AVX-512 BF16/AMX) under OpenVINO, else fp32",
+    )
+    g.add_argument(
+        "--runtime",
+        choices=("auto", "openvino", "torch"),
+        help="local model runtime on CPU; default (auto): OpenVINO when installed (the model is exported once "
+        "into ~/.cache/tweet-embed, or $TWEET_EMBED_CACHE_DIR), torch on GPUs",
     )
     g.add_argument(
         "--devices",
@@ -264,12 +271,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         prompt_name=args.prompt_name,
         dimensions=args.dimensions,
+        runtime=args.runtime,
     )
 
     devices = None
-    if (args.devices or args.workers_per_device is not None or args.dtype) and not spec.is_local:
+    if (
+        args.devices or args.workers_per_device is not None or args.dtype or args.runtime
+    ) and not spec.is_local:
         log.error(
-            "--devices, --workers-per-device and --dtype are for the in-process model; "
+            "--devices, --workers-per-device, --dtype and --runtime are for the in-process model; "
             "servers are given with --tei-urls"
         )
         return EXIT_USAGE

@@ -87,6 +87,12 @@ class Summary:
         return "\n".join(lines)
 
 
+def runtime_options(extra: dict[str, str]) -> dict[str, object]:
+    """The in-process model's runtime and precision (``openvino``/``torch``, ``float32``/``bfloat16``/...),
+    for the manifest: two runtimes or precisions give different vectors, so a resume may not mix them."""
+    return {k: extra[k] for k in ("runtime", "dtype")} if "runtime" in extra else {}
+
+
 def output_options(opts: EmbedOptions, info: BackendInfo | None) -> dict[str, object]:
     """What besides the model and dimension must match on resume (without ``info``: all but what the backend
     reports). Prompt and dimensions only when given, so a run from before they existed resumes with the same key."""
@@ -103,6 +109,7 @@ def output_options(opts: EmbedOptions, info: BackendInfo | None) -> dict[str, ob
     if info is not None:
         out["normalize"] = info.normalize
         out.update({k: info.extra[k] for k in VECTOR_KEYS if k in info.extra})
+        out.update(runtime_options(info.extra))
     return out
 
 

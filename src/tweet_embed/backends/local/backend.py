@@ -25,6 +25,17 @@ import numpy as np
 from tweet_embed.backends.base import Backend, BackendError, BackendInfo, check_vectors
 from tweet_embed.backends.local.batching import pad_rows, plan_batches, rows_for, shape_rows
 from tweet_embed.backends.local.forward import Forward
+from tweet_embed.backends.local.openvino import (
+    OPENVINO_HINT,
+    PRECISIONS,
+    OpenVINOForward,
+    choose_precision,
+    cpu_has_bf16,
+    export_cached,
+    import_openvino,
+    openvino_available,
+    weights_fingerprint,
+)
 from tweet_embed.backends.local.spec import (
     _RANDOM_LH,
     INSTALL_HINT,
@@ -48,6 +59,7 @@ from tweet_embed.backends.local.tokenizer import (
     start_tokenizer_processes,
 )
 from tweet_embed.backends.vectors import VectorOptions, truncate
+from tweet_embed.procs import cpu_threads
 
 log = logging.getLogger("tweet_embed")
 
@@ -68,6 +80,7 @@ class LocalBackend(Backend):
         threads: int | None = None,
         tokenizer_workers: int | None = None,
         options: VectorOptions | None = None,
+        runtime: str | None = None,
     ) -> None:
         self.model_spec = model
         self.options = options or VectorOptions()
@@ -83,6 +96,9 @@ class LocalBackend(Backend):
         self.warmup = warmup
         self.threads = threads
         self.tokenizer_workers = tokenizer_workers
+        self.runtime_spec = runtime  # CPU runtime: "openvino", "torch", or None/"auto" (see _choose_runtime)
+        self.runtime = "torch"  # the one in use, once loaded
+        self._ov: Any = None  # OpenVINOForward when the CPU runs through OpenVINO
         self._pool: Any = None  # ProcessPoolExecutor of tokenizer workers, or None: tokenize in the thread
         self._executor: Any = None  # threads that run embed calls
         self._tok_path = ""
@@ -149,10 +165,7 @@ class LocalBackend(Backend):
             # thread spins on the cores the tokenizer processes and the run loop need
             torch.set_num_threads(max(1, int(self.threads or 1)))
         else:
-            from tweet_embed.procs import available_cores
-
-            torch.set_num_threads(max(1, int(self.threads or available_cores())))
-        dtype = self._resolve_dtype(torch)
+            torch.set_num_threads(max(1, int(self.threads or cpu_threads())))
 
         spec = self.model_spec
         canonical = spec
@@ -163,6 +176,10 @@ class LocalBackend(Backend):
             path = None
         else:
             path = Path(spec).expanduser() if Path(spec).expanduser().is_dir() else None
+        fast = spec.startswith("random:") or (path is not None and _fast_layout(path) is not None)
+        self.runtime = self._choose_runtime(fast)
+        # OpenVINO exports the fp32 model and picks its precision when compiling (--dtype is read there)
+        dtype = torch.float32 if self.runtime == "openvino" else self._resolve_dtype(torch)
 
         try:  # a "Loading weights" bar per process (and per device worker) is noise among our log lines
             from transformers.utils import logging as hf_logging
@@ -176,6 +193,8 @@ class LocalBackend(Backend):
             self._load_fast(path, layout, dtype, offline=spec in MINILM_ALIASES)
         else:
             self._load_st(str(path) if path is not None else spec, dtype, offline=spec in MINILM_ALIASES)
+        if self.runtime == "openvino":
+            self._start_openvino(spec if path is None else None, path)
         self._apply_options(canonical)
 
         # batch geometry: a token budget per forward pass, shapes padded to x16 on GPU
@@ -193,6 +212,11 @@ class LocalBackend(Backend):
             self._max_rows = 512
             max_batch = self.batch_size or 1024
             in_flight = 1
+            if self._ov is not None:
+                # enough batches per call for every stream to have one in flight twice over, and a second
+                # call tokenizing while this one runs
+                max_batch = self.batch_size or min(16384, max(1024, 512 * self._ov.streams))
+                in_flight = 2
         self.token_budget = self.token_budget or default_budget
         # merge only tiny batches (a bucket's last few texts): each batch costs a launch, each merge padding
         self._min_tokens = self.token_budget // 32 if self._cuda else 0
@@ -215,8 +239,12 @@ class LocalBackend(Backend):
         if self._cuda and self.warmup and self._fwd is not None:
             self._warm_up()
         # extra goes into every shard's metadata: only what is the same on every device of a run
-        extra = {"dtype": str(dtype).replace("torch.", "")}
-        if self._fwd is None:
+        extra = {"runtime": self.runtime, "dtype": str(dtype).replace("torch.", "")}
+        if self._ov is not None:
+            extra["dtype"] = {"bf16": "bfloat16", "f32": "float32"}.get(
+                self._ov.precision, self._ov.precision
+            )
+        elif self._fwd is None:
             extra["pipeline"] = "sentence-transformers"
         extra.update(self.options.metadata())
         return BackendInfo(
@@ -227,6 +255,67 @@ class LocalBackend(Backend):
             max_batch=max_batch,
             max_in_flight=in_flight,
             extra=extra,
+        )
+
+    def _choose_runtime(self, fast: bool) -> str:
+        """``openvino`` or ``torch``.
+
+        Default (``auto``): OpenVINO on CPU for models the fast pipeline runs, when it is installed and can give
+        the precision asked for (the measured fastest at the same quality, ``bench/cpu_bench.py``); torch on
+        GPUs, for other models, and for precisions OpenVINO cannot give here (``--dtype bf16`` on a CPU
+        without native bf16 keeps torch's emulated bf16, fp16 keeps its error).
+        """
+        asked = (self.runtime_spec or "auto").lower()
+        if asked not in ("auto", "torch", "openvino"):
+            raise BackendError(f"unknown runtime {self.runtime_spec!r} (auto, openvino or torch)")
+        if asked == "torch":
+            return "torch"
+        if asked == "openvino":
+            if self._cuda:
+                raise BackendError("--runtime openvino runs on CPU; use --device cpu (or --runtime torch)")
+            if not fast:
+                raise BackendError(
+                    f"--runtime openvino: {self.model_spec!r} is not a Transformer + mean/CLS pooling model "
+                    "the in-process pipeline runs; use --runtime torch"
+                )
+            ov = import_openvino()  # the install hint now, not after loading the model
+            choose_precision(self.dtype_spec, cpu_has_bf16(ov.Core()))  # a precision it cannot give: now too
+            return "openvino"
+        if self._cuda or not fast:
+            return "torch"
+        dtype = (self.dtype_spec or "auto").lower()
+        if dtype not in ("auto", *PRECISIONS):
+            return "torch"  # fp16 and unknown names: torch's own errors
+        if not openvino_available():
+            log.warning("openvino is not installed: the CPU runs the slower torch path (%s)", OPENVINO_HINT)
+            return "torch"
+        if PRECISIONS.get(dtype) == "bf16":
+            import openvino
+
+            if not cpu_has_bf16(openvino.Core()):
+                return "torch"
+        return "openvino"
+
+    def _start_openvino(self, random_spec: str | None, path: Path | None) -> None:
+        """Export the loaded model (or reuse its cached export) and compile it; the torch copy is dropped."""
+        import openvino as ov_mod
+
+        fwd = self._fwd
+        assert fwd is not None
+        source = f"{random_spec}@seed0" if random_spec else f"sha256:{weights_fingerprint(path)}"  # type: ignore[arg-type]
+        model_dir = export_cached(lambda: fwd.model, source, self._pooling)
+        precision = choose_precision(self.dtype_spec, cpu_has_bf16(ov_mod.Core()))
+        self._ov = OpenVINOForward(
+            model_dir, precision, int(self.threads or cpu_threads()), self.normalize, width=self._dim
+        )
+        fwd.close()
+        self._fwd = None
+        log.info(
+            "CPU runtime: OpenVINO %s, %s, %d stream(s), model from %s",
+            ov_mod.__version__,
+            self._ov.precision,
+            self._ov.streams,
+            model_dir,
         )
 
     def _resolve_dtype(self, torch: Any) -> Any:
@@ -282,6 +371,8 @@ class LocalBackend(Backend):
             self._dim = opts.dimensions
             if self._fwd is not None:
                 self._fwd.dims = opts.dimensions
+            if self._ov is not None:
+                self._ov.dims = opts.dimensions
 
     def _load_fast(self, path: Path, layout: tuple[str, int], dtype: Any, offline: bool) -> None:
         if offline:
@@ -438,7 +529,7 @@ class LocalBackend(Backend):
         if self._prompt:
             texts = [self._prompt + t for t in texts]
         fwd = self._fwd
-        if fwd is None:
+        if fwd is None and self._ov is None:
             with self._lock, torch.inference_mode():
                 vecs = self._st.encode(
                     list(texts),
@@ -465,8 +556,20 @@ class LocalBackend(Backend):
         )
         t1 = time.perf_counter()
         padded = sum((e - s) * length for s, e, length in batches)
+        ov_batches = (
+            [
+                (pad_rows(flat, offsets, lengths, order[s:e], length), lengths[order[s:e]])
+                for s, e, length in batches
+            ]
+            if self._ov is not None
+            else []
+        )
         with self._lock, torch.inference_mode():
-            if self._cuda:
+            if self._ov is not None:
+                host = self._ov.run(ov_batches)
+                done = None
+            elif self._cuda:
+                assert fwd is not None
                 with torch.cuda.device(self._device):
                     began = torch.cuda.Event(enable_timing=True)
                     began.record()
@@ -485,6 +588,7 @@ class LocalBackend(Backend):
                     done = torch.cuda.Event(enable_timing=True)
                     done.record()
             else:
+                assert fwd is not None
                 host = torch.empty((n, self._dim), dtype=torch.float32)
                 for s, e, length in batches:
                     rows = order[s:e]
@@ -499,7 +603,7 @@ class LocalBackend(Backend):
             gpu_ms = began.elapsed_time(done)
         t_synced = time.perf_counter()
         result = np.empty((n, self._dim), dtype=np.float32)
-        result[order] = host.numpy()
+        result[order] = host if isinstance(host, np.ndarray) else host.numpy()
         t2 = time.perf_counter()
         with self._stats_lock:
             st = self._stats
@@ -545,6 +649,9 @@ class LocalBackend(Backend):
             self._stats["graphs"] = self._fwd.captured
             self._fwd.close()
             self._fwd = None
+        if self._ov is not None:
+            self._ov.close()
+            self._ov = None
         self._st = None
         torch = self._torch
         if torch is not None and self._cuda:

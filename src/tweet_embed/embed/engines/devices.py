@@ -23,8 +23,9 @@ from typing import Any
 from tweet_embed.backends import BackendSpec
 from tweet_embed.backends.base import BackendError
 from tweet_embed.embed.chunks import Chunk, Plan, WorkDirs, check_manifest, iter_chunk_bytes, manifest_key
+from tweet_embed.embed.options import runtime_options
 from tweet_embed.input.rules import rules_metadata
-from tweet_embed.procs import available_cores, exit_with_parent
+from tweet_embed.procs import CPU_THREADS_ENV, available_cores, exit_with_parent
 from tweet_embed.progress import Progress
 
 log = logging.getLogger("tweet_embed")
@@ -68,7 +69,9 @@ def _worker_main(
         try:
             info = loop.run_until_complete(backend.start())
             metadata = {**info.metadata(), "version": version, **rules_metadata(opts["rules"])}
-            results.put(("ready", index, info.model, info.dim, info.normalize))
+            results.put(
+                ("ready", index, info.model, info.dim, info.normalize, tuple(sorted(info.extra.items())))
+            )
             loop.run_until_complete(_serve(index, backend, info, dirs, plan, opts, metadata, tasks, results))
         finally:
             loop.run_until_complete(backend.close())
@@ -159,15 +162,20 @@ class DevicePool:
         self.finished: set[int] = set()
 
     def start(self) -> None:
-        key = "TWEET_EMBED_TOKENIZER_WORKERS"
-        saved = os.environ.get(key)
-        os.environ.setdefault(key, str(self.tokenizer_workers))  # spawned children inherit the environment
+        env = {"TWEET_EMBED_TOKENIZER_WORKERS": str(self.tokenizer_workers)}
+        on_cpu = sum(d == "cpu" for d in self.devices)
+        if on_cpu:  # K CPU workers share the cores instead of each starting a thread per core
+            env[CPU_THREADS_ENV] = str(max(1, available_cores() // on_cpu))
+        saved = {k: os.environ.get(k) for k in env}
+        for k, value in env.items():
+            os.environ.setdefault(k, value)  # spawned children inherit the environment
         try:
-            for p in self.procs:
-                p.start()
+            for proc in self.procs:
+                proc.start()
         finally:
-            if saved is None:
-                os.environ.pop(key, None)
+            for k, old in saved.items():
+                if old is None:
+                    os.environ.pop(k, None)
 
     def _dead(self) -> str | None:
         for i, p in enumerate(self.procs):
@@ -234,16 +242,17 @@ def run_on_devices(
     pool = DevicePool(devices, spec, dirs, plan, opts, version)
     pool.start()
     try:
-        ready: dict[int, tuple[str, int, bool]] = {}
+        ready: dict[int, tuple[str, int, bool, tuple[tuple[str, str], ...]]] = {}
         while len(ready) < len(devices):
             msg = pool.get()
             if msg[0] == "ready":
-                ready[msg[1]] = (msg[2], msg[3], msg[4])
+                ready[msg[1]] = (msg[2], msg[3], msg[4], msg[5])
         if len(set(ready.values())) != 1:
             raise BackendError(f"device workers disagree on the model: {sorted(set(ready.values()))}")
-        model, dim, normalize = ready[0]
+        model, dim, normalize, extra = ready[0]
         summary.model, summary.dim = model, dim
-        check_manifest(dirs, manifest_key(plan, model, dim, {**output_options, "normalize": normalize}))
+        options = {**output_options, "normalize": normalize, **runtime_options(dict(extra))}
+        check_manifest(dirs, manifest_key(plan, model, dim, options))
         log.info(
             "%d device workers ready (%s): %s, %d dimensions",
             len(devices),
