@@ -208,6 +208,9 @@ def main() -> None:
     ap.add_argument(
         "--int8", action="store_true", help="add the NNCF int8 row (needs nncf; quantizing takes minutes)"
     )
+    ap.add_argument(
+        "--int8-xml", help="the int8 row from this model (an earlier --int8 run's, saved with --keep)"
+    )
     ap.add_argument("--skip", default="", help="comma-separated row keys to leave out")
     ap.add_argument("--json", help="write the table here as JSON")
     args = ap.parse_args()
@@ -254,10 +257,11 @@ def main() -> None:
         "raw-f32": ("raw OpenVINO loop (f32 hint)", raw_openvino(model_dir / "model.xml", "f32"), True),
         "st": ("SentenceTransformer.encode (batch 64, fp32)", sentence_transformers(), True),
     }
-    if args.int8:
+    if args.int8 or args.int8_xml:
         try:
-            xml = int8_model(model_dir / "model.xml", work)
+            xml = Path(args.int8_xml) if args.int8_xml else int8_model(model_dir / "model.xml", work)
             methods["int8"] = ("raw OpenVINO loop, int8 (NNCF, MIXED)", raw_openvino(xml, None), True)
+            print(f"int8 model: {xml}", file=sys.stderr)
         except ImportError:
             print("nncf is not installed: no int8 row", file=sys.stderr)
     for key in filter(None, args.skip.split(",")):

@@ -176,3 +176,14 @@ def test_missing_openvino_named(monkeypatch, caplog):
         b = started()  # the default carries on with torch, and says so
     assert b.runtime == "torch" and b.info.extra["runtime"] == "torch"
     assert "openvino is not installed" in caplog.text
+
+
+def test_xlmr_runs_through_openvino(monkeypatch, tmp_path):
+    """An XLM-RoBERTa (positions counted past the padding id, pad id 1) exports and gives torch's vectors."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(BF16_ENV, "0")  # compare at fp32
+    texts = [*TEXTS[:12], "¿Qué tal el partido? 今日は試合", "x"]
+    ref = started(model="random:xlmr-L2-H64", runtime="torch").embed_sync(texts)
+    got = started(model="random:xlmr-L2-H64")
+    assert got.runtime == "openvino"
+    assert (ref * got.embed_sync(texts)).sum(axis=1).min() > 0.9999
