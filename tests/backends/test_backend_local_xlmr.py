@@ -136,6 +136,9 @@ def reference(xlmr_dir):
 
 
 def start(path: Path, **kw) -> LocalBackend:
+    # These tests are about the torch forward (lean XLM-R, the fallback): on the CPU the default runtime is
+    # OpenVINO (tests/backends/test_backend_local_openvino.py covers XLM-R through it), so ask for torch.
+    kw.setdefault("runtime", "torch")
     b = LocalBackend(str(path), device="cpu", **kw)
     asyncio.run(b.start())
     return b
@@ -233,7 +236,7 @@ def test_random_xlmr_shapes(monkeypatch) -> None:
     # the shape's pipeline, on a tiny shape: XLM-R config, Unigram tokenizer, the lean forward in use
     assert model_width("random:xlmr-L1-H32") == 32
     monkeypatch.setattr(backend_mod, "XLMR_VOCAB", 31000)  # a smaller table: quicker to initialise
-    b = LocalBackend("random:xlmr-L1-H32", device="cpu")
+    b = LocalBackend("random:xlmr-L1-H32", device="cpu", runtime="torch")
     info = asyncio.run(b.start())
     try:
         assert info.dim == 32 and b._fwd is not None and b._fwd.lean is not None
