@@ -56,7 +56,7 @@ def assert_exact(shards: str, records: list[tuple[str, str]]) -> None:
     assert ids == [r[0] for r in records]
     np.testing.assert_array_equal(vecs, expected_vectors([r[1] for r in records], DIM))
     hashes = pq.read_table(shards, columns=["text_hash"]).column(0).to_pylist()
-    assert hashes == [xxh3_128_digest(t) for _, t in records]
+    assert hashes == [xxh3_128_digest(t.encode("utf-8")) for _, t in records]
 
 
 def embed(path, server: TEIServer, work, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -89,7 +89,10 @@ def text_hashes(texts: Sequence[str]) -> np.ndarray:
     n = len(texts)
     if n == 0:
         return np.empty((0, HASH_BYTES), np.uint8)
-    return np.frombuffer(b"".join(map(xxh3_128_digest, texts)), np.uint8).reshape(n, HASH_BYTES)
+    # Bytes, not str: xxhash 4 refuses str (3.x hashed its UTF-8 bytes, so the digests are the same).
+    # surrogatepass: never a crash here on a stray lone surrogate (texts are cleaned before this).
+    digests = (xxh3_128_digest(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return np.frombuffer(b"".join(digests), np.uint8).reshape(n, HASH_BYTES)
 
 
 @dataclass(frozen=True)
