@@ -294,15 +294,23 @@ def test_kill9_of_parent_leaves_no_worker_or_tokenizer_process(tmp_path) -> None
     p = tmp_path / "in.jsonl"
     write_jsonl(str(p), 6000, seed=5)
     args = ["embed", str(p), "--work-dir", str(tmp_path / "w"), "--chunk-size", "200", "--model"]
-    args += ["random:L1-H64", "--devices", "cpu", "--workers-per-device", "2"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args += ["random:L1-H64", "--devices", "cpu", "--workers-per-device", "2", "--runtime", "torch"]
+    # On CPU the backend starts no tokenizer processes unless asked (the model is the limit there): ask, so the
+    # tree this test kills has them.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TWEET_EMBED_TOKENIZER_WORKERS="2")
     proc = subprocess.Popen([sys.executable, "-m", "tweet_embed", *args], cwd=ROOT, env=env)
     first = tmp_path / "w" / "progress" / "part-0000-0000000.done"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert first.exists() and proc.poll() is None, "the run ended or stalled before the first chunk"
+    # The second worker may still be starting its tokenizer processes when the first chunk lands (CI, 2 busy
+    # cores, saw 3 processes): wait for the whole tree, then kill in the middle of the run.
     kids = descendants(proc.pid)
+    while len(kids) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        kids = descendants(proc.pid)
+    assert proc.poll() is None, "the run ended before every worker was up"
     assert len(kids) >= 6, kids  # 2 workers with 2 tokenizer processes each, and the resource tracker
     proc.kill()
     proc.wait()
@@ -310,7 +318,7 @@ def test_kill9_of_parent_leaves_no_worker_or_tokenizer_process(tmp_path) -> None
     while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [k for k in kids if alive(k)], "processes outlived their parent"
-    r = run_cli(*args)
+    r = run_cli(*args, env=env)
     assert r.returncode == 0, r.stderr
     ids, _, _ = read_shards(str(tmp_path / "w" / "shards"), 64)
     assert ids == [t[0] for t in synth_tweets(6000, seed=5)]

@@ -127,7 +127,9 @@ def test_journal_lines_across_a_resume(tmp_path: Path) -> None:
     ]
     assert p95s and min(p95s) >= 100  # the server's 0.1 s latency
     durations = [d for x in events if x["event"] == "interval" for d in x["chunk_seconds"]]
-    assert len(durations) == 5 and all(d > 0.1 for d in durations)
+    # Chunks 1-4 each wait for the server's 0.1 s; chunk 5 holds only the two bad lines, sends nothing and may
+    # commit in less (CI saw 0.066 s).
+    assert len(durations) == 5 and sum(d > 0.1 for d in durations) >= 4, durations
     # Bounded: a line with one endpoint stays well under 1 kB (the docs' 24-hour figure builds on this).
     sizes = [len(orjson.dumps(e)) for e in events if e["event"] == "interval"]
     assert max(sizes) < 1000, max(sizes)
