@@ -227,3 +227,27 @@ def test_two_workers_read_arrays_and_csv_with_filters(tmp_path) -> None:
     ids, vecs = read_shards_of(str(tmp_path / "w" / "shards"))
     assert ids == [r[0] for r in kept]
     np.testing.assert_array_equal(vecs, expected_vectors([r[1] for r in kept], DIM))
+
+
+def test_prompt_and_dimensions_in_the_manifest_a_resume_with_others_is_refused(tmp_path, corpus) -> None:
+    """Device workers report the vector options their backend applies; the driver's manifest holds them, so a
+    resume with another prompt or dimension count cannot mix two kinds of vectors."""
+    import dataclasses
+    import json
+
+    from tweet_embed.embed.chunks import PlanError
+
+    path, records = corpus
+    opts = dataclasses.replace(options(tmp_path, path), max_chunks=2)
+    with TEIServer(dim=DIM) as srv:
+        spec = BackendSpec(urls=(srv.embed_url,), prompt="passage: ", dimensions=8)
+        assert run_embed(opts, spec).rows == 200
+        manifest = json.loads((tmp_path / "w" / "progress" / "manifest.json").read_text())
+        assert manifest["options"]["prompt"] == "passage: " and manifest["options"]["dimensions"] == "8"
+        for other in (dataclasses.replace(spec, dimensions=4), dataclasses.replace(spec, prompt="query: ")):
+            with pytest.raises(PlanError, match="manifest|another|differ"):
+                run_embed(options(tmp_path, path), other)
+        s = run_embed(options(tmp_path, path), spec)  # the same options resume
+    assert s.rows == 1300
+    ids, vecs, _ = read_shards(str(tmp_path / "w" / "shards"), 8)
+    assert ids == [r[0] for r in records]

@@ -107,9 +107,16 @@ def output_options(opts: EmbedOptions, info: BackendInfo | None) -> dict[str, ob
         out["format"] = opts.input_format
     out.update(opts.rules.describe())
     if info is not None:
-        out["normalize"] = info.normalize
-        out.update({k: info.extra[k] for k in VECTOR_KEYS if k in info.extra})
-        out.update(runtime_options(info.extra))
+        out.update(backend_options(info.normalize, info.extra))
+    return out
+
+
+def backend_options(normalize: bool, extra: dict[str, str]) -> dict[str, object]:
+    """The manifest's part that the started backend reports: normalisation, prompt and dimensions, runtime and
+    precision. One function for every engine, so none can leave one out (device workers report theirs)."""
+    out: dict[str, object] = {"normalize": normalize}
+    out.update({k: extra[k] for k in VECTOR_KEYS if k in extra})
+    out.update(runtime_options(extra))
     return out
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from tweet_embed.backends import BackendSpec
 from tweet_embed.backends.base import BackendError
 from tweet_embed.embed.chunks import Chunk, Plan, WorkDirs, check_manifest, iter_chunk_bytes, manifest_key
-from tweet_embed.embed.options import runtime_options
+from tweet_embed.embed.options import backend_options
 from tweet_embed.input.rules import rules_metadata
 from tweet_embed.procs import CPU_THREADS_ENV, available_cores, exit_with_parent
 from tweet_embed.progress import Progress
@@ -251,7 +251,7 @@ def run_on_devices(
             raise BackendError(f"device workers disagree on the model: {sorted(set(ready.values()))}")
         model, dim, normalize, extra = ready[0]
         summary.model, summary.dim = model, dim
-        options = {**output_options, "normalize": normalize, **runtime_options(dict(extra))}
+        options = {**output_options, **backend_options(normalize, dict(extra))}
         check_manifest(dirs, manifest_key(plan, model, dim, options))
         log.info(
             "%d device workers ready (%s): %s, %d dimensions",
