@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,35 @@ def test_other_layout_falls_back_to_sentence_transformers(tmp_path: Path, refere
     mean = reference.encode(TWEETS[:8], normalize_embeddings=True)
     assert vecs.shape == (8, 384) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     assert not np.allclose(vecs, mean, atol=1e-3)  # max pooling, not the mean path
+
+
+@pytest.mark.parametrize("runtime", ["torch", "openvino"])
+def test_device_counters_count_batches_tokens_and_seconds(runtime):
+    """What /metrics and the journal show per device: forward batches, texts, real and padded tokens, and
+    device seconds (on CPU the wall time of the forward calls, so within the calls' own wall time)."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    b = LocalBackend("random:L2-H64", device="cpu", runtime=runtime, tokenizer_workers=0, batch_size=8)
+    run(b.start())
+    try:
+        assert b.device_counters() == {
+            "cpu": {"batches": 0, "texts": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0}
+        }
+        texts = TWEETS[:40]
+        lengths = b.tokenize(texts)[2]
+        t0 = time.perf_counter()
+        run(b.embed(texts))
+        run(b.embed(texts[:10]))
+        wall = time.perf_counter() - t0
+        [(device, c)] = b.device_counters().items()
+        tel = b.telemetry()
+    finally:
+        run(b.close())
+    assert device == "cpu"
+    assert c["texts"] == 50
+    assert c["tokens"] == int(lengths.sum() + lengths[:10].sum())  # the real tokens, no padding
+    # at most 8 rows a batch (--batch-size), lengths padded to a multiple of 4 on CPU
+    assert c["batches"] >= 5 + 2
+    assert c["tokens"] < c["padded_tokens"] and c["padded_tokens"] % 4 == 0
+    assert 0 < c["seconds"] < wall
+    assert tel["devices"] == {"cpu": c} and tel["endpoints"] == {} and tel["stats"]["texts"] == 50

@@ -29,6 +29,7 @@ from tweet_embed.backends.base import Backend, BackendError, BackendInfo
 from tweet_embed.embed.chunks import WorkDirs, done_markers
 from tweet_embed.embed.engines.ray import RayOptions
 from tweet_embed.embed.runner import EmbedOptions, run_embed
+from tweet_embed.embed.telemetry import read_journal
 from tweet_embed.testing.server import TEIServer, expected_vectors
 from tweet_embed.testing.synth import synth_tweets
 
@@ -192,12 +193,40 @@ class FailOnceBackend(Backend):
 # ------------------------------------------------------------------------------------------------- tests
 
 
-def test_clean_run_is_exact_and_identical_to_local_engine(tmp_path, ray_local, server) -> None:
+def final_scrapes(monkeypatch) -> list[dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """The driver's /metrics as the run ends (one scrape per --metrics-port run)."""
+    from test_metrics import scrape
+
+    from tweet_embed.embed import metrics as metrics_mod
+
+    out: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
+    real_close = metrics_mod.MetricsServer.close
+
+    def close(self) -> None:
+        out.append(scrape(self.url))
+        real_close(self)
+
+    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
+    return out
+
+
+def test_clean_run_is_exact_and_identical_to_local_engine(tmp_path, ray_local, server, monkeypatch) -> None:
     inputs, records = write_inputs(tmp_path)
     spec = BackendSpec(urls=(server.embed_url,))
     s_local = run_embed(options(inputs, str(tmp_path / "local"), None), spec)
     server.reset_counters()
-    s_ray = run_embed(options(inputs, str(tmp_path / "ray"), RayOptions()), spec)
+    final = final_scrapes(monkeypatch)
+    s_ray = run_embed(options(inputs, str(tmp_path / "ray"), RayOptions(), metrics_port=0), spec)
+    # per endpoint, summed by the driver from the tasks' reports: what the server itself counted, less the
+    # driver's own dimension probe (its client is no task's)
+    [end] = final
+    host = server.url.split("//")[1]
+    lab = (("endpoint", host),)
+    assert end[("tweet_embed_endpoint_inputs_total", lab)] == sum(server.embedded.values()) - 1
+    assert end[("tweet_embed_endpoint_requests_total", lab)] == server.counters["ok"] - 1
+    assert end[("tweet_embed_endpoint_latency_seconds_count", lab)] == server.counters["ok"] - 1
+    last = [e for e in read_journal(str(tmp_path / "ray" / "progress")) if e["event"] == "interval"][-1]
+    assert last["endpoints"][host]["inputs"] == sum(server.embedded.values()) - 1
 
     assert s_ray.rows == s_local.rows == len(records)
     assert s_ray.rejected == s_local.rejected == 2
@@ -341,14 +370,21 @@ def test_actor_io_error_is_retried_on_an_actor(tmp_path, ray_local, server) -> N
     assert_exact(str(tmp_path / "w" / "shards"), records)
 
 
-def test_in_process_model_runs_in_actors(tmp_path, ray_local) -> None:
-    """The local backend path (one-GPU actors) with a CPU actor: the real model, 3 chunks."""
+def test_in_process_model_runs_in_actors(tmp_path, ray_local, monkeypatch) -> None:
+    """The local backend path (one-GPU actors) with a CPU actor: the real model, 3 chunks; the actor's
+    device figures reach the driver's /metrics."""
     pytest.importorskip("torch")
     p = sample_slice(tmp_path, 120)
     spec = BackendSpec(device="cpu")
     ropts = RayOptions(actors=1, gpus_per_actor=0, cpus_per_actor=1)
-    s = run_embed(options([str(p)], str(tmp_path / "ray"), ropts, chunk_lines=50), spec)
+    final = final_scrapes(monkeypatch)
+    s = run_embed(options([str(p)], str(tmp_path / "ray"), ropts, chunk_lines=50, metrics_port=0), spec)
     assert s.rows == 120 and s.chunks_done_now == 3 and s.dim == 384
+    [end] = final
+    texts = {lab: v for (n, lab), v in end.items() if n == "tweet_embed_device_texts_total"}
+    [(lab, n)] = texts.items()
+    assert n == s.embedded_texts and dict(lab)["device"].endswith("/cpu")  # host/device
+    assert end[("tweet_embed_device_seconds_total", lab)] > 0
     ids, vecs, _ = read_output(str(tmp_path / "ray" / "shards"))
     local = run_embed(options([str(p)], str(tmp_path / "local"), None, chunk_lines=50), spec)
     lids, lvecs, _ = read_output(str(tmp_path / "local" / "shards"))

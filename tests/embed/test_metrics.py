@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -135,8 +136,123 @@ def test_devices_engine_journal_and_metrics_from_the_driver(
     distinct = len({t for _, t in synth_tweets(600, seed=8)})  # each distinct text sent once (dedupe)
     assert total(end, "tweet_embed_texts_sent_total") == summary.embedded_texts == distinct
     assert end[("tweet_embed_chunks_done", ())] == 6
+    # the workers' pools, summed by the driver: the server's own count of answered requests and inputs
+    host = srv.url.split("//")[1]
+    assert end[("tweet_embed_endpoint_requests_total", (("endpoint", host),))] == srv.counters["ok"]
+    assert end[("tweet_embed_endpoint_inputs_total", (("endpoint", host),))] == sum(srv.embedded.values())
+    assert end[("tweet_embed_endpoint_latency_seconds_count", (("endpoint", host),))] == srv.counters["ok"]
+    assert end[("tweet_embed_endpoint_inputs_in_flight", (("endpoint", host),))] == 0
     events = read_journal(str(tmp_path / "w" / "progress"))
     start = next(e for e in events if e["event"] == "start")
     last_end = [e for e in events if e["event"] == "end"][-1]
     assert start["engine"] == "devices" and last_end["rows"] == 600
-    assert [e for e in events if e["event"] == "interval"][-1]["chunks_done"] == 6
+    last = [e for e in events if e["event"] == "interval"][-1]
+    assert last["chunks_done"] == 6
+    assert last["endpoints"][host]["inputs"] == sum(srv.embedded.values())
+    assert last["endpoints"][host]["p50_ms"] is None or last["endpoints"][host]["p50_ms"] >= 0
+
+
+def test_devices_cpu_two_workers_per_device_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--devices cpu --workers-per-device 2`` with a ``random:`` model: each worker's batches, tokens and
+    device seconds reach the driver's /metrics (scraped during the run and at its end) and the journal; the
+    texts counted per device add up to the texts the summary says were sent."""
+    from tweet_embed.embed.engines.devices import plan_workers
+
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), 3000, seed=9)
+    servers: list[Any] = []
+    during: list[dict[Any, float]] = []
+    final: list[dict[Any, float]] = []
+    real_init, real_close = metrics_mod.MetricsServer.__init__, metrics_mod.MetricsServer.close
+
+    def init(self: Any, *a: Any, **kw: Any) -> None:
+        real_init(self, *a, **kw)
+        servers.append(self)
+
+    def close(self: Any) -> None:
+        final.append(scrape(self.url))
+        real_close(self)
+
+    monkeypatch.setattr(metrics_mod.MetricsServer, "__init__", init)
+    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(0.2):
+            if servers:
+                try:
+                    during.append(scrape(servers[0].url))
+                except OSError:
+                    return
+
+    model = "random:L2-H64"
+    devices = plan_workers("cpu", None, model, 2)
+    assert devices == ["cpu", "cpu"]
+    dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
+    opts = EmbedOptions(
+        inputs=[str(src)], dirs=dirs, chunk_lines=100, log_interval=0.5, devices=devices, metrics_port=0
+    )
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        summary = run_embed(opts, BackendSpec(model=model, device="cpu", runtime="torch"))
+    finally:
+        stop.set()
+        poller.join()
+    [end] = final
+    assert summary.rows == 3000 and summary.embedded_texts > 0
+
+    def per_worker(samples: dict[Any, float], name: str) -> dict[str, float]:
+        return {dict(lab)["worker"]: v for (n, lab), v in samples.items() if n == name}
+
+    texts = per_worker(end, "tweet_embed_device_texts_total")
+    assert set(texts) == {"cpu#0", "cpu#1"} and all(v > 0 for v in texts.values())  # both workers worked
+    assert {dict(lab)["device"] for (n, lab) in end if n == "tweet_embed_device_texts_total"} == {"cpu"}
+    assert sum(texts.values()) == summary.embedded_texts
+    batches = per_worker(end, "tweet_embed_device_batches_total")
+    tokens = per_worker(end, "tweet_embed_device_tokens_total")
+    padded = per_worker(end, "tweet_embed_device_padded_tokens_total")
+    seconds = per_worker(end, "tweet_embed_device_seconds_total")
+    for w in texts:
+        assert 0 < batches[w] <= texts[w] and texts[w] < tokens[w] <= padded[w] and seconds[w] > 0
+    # during the run the counters grow, reported by the workers while they embed
+    seen = [total(s, "tweet_embed_device_texts_total") for s in during]
+    assert seen == sorted(seen) and any(0 < v < summary.embedded_texts for v in seen)
+    events = read_journal(str(tmp_path / "w" / "progress"))
+    lines = [e for e in events if e["event"] == "interval"]
+    last = lines[-1]["devices"]
+    assert {w: d["texts"] for w, d in last.items()} == texts
+    assert all(d["device"] == "cpu" and d["tokens"] == tokens[w] for w, d in last.items())
+    assert max(len(orjson.dumps(e)) for e in lines) < 1000
+
+
+def test_in_process_model_figures_per_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local engine with the in-process model (``random:`` shape, CPU): batches, texts, tokens and device
+    seconds on /metrics and in the journal, against the summary."""
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), 400, seed=10)
+    final: list[dict[Any, float]] = []
+    real_close = metrics_mod.MetricsServer.close
+
+    def close(self: Any) -> None:
+        final.append(scrape(self.url))
+        real_close(self)
+
+    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
+    dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
+    opts = EmbedOptions(inputs=[str(src)], dirs=dirs, chunk_lines=100, log_interval=0.5, metrics_port=0)
+    summary = run_embed(opts, BackendSpec(model="random:L2-H64", device="cpu", runtime="torch"))
+    [end] = final
+    lab = (("device", "cpu"), ("worker", "cpu"))
+    assert end[("tweet_embed_device_texts_total", lab)] == summary.embedded_texts > 0
+    assert end[("tweet_embed_device_tokens_total", lab)] == summary.stats["tokens"] > summary.embedded_texts
+    assert end[("tweet_embed_device_padded_tokens_total", lab)] == summary.stats["padded_tokens"]
+    assert end[("tweet_embed_device_batches_total", lab)] == summary.stats["batches"] > 0
+    assert 0 < end[("tweet_embed_device_seconds_total", lab)] < summary.elapsed
+    last = [e for e in read_journal(str(tmp_path / "w" / "progress")) if e["event"] == "interval"][-1]
+    assert (
+        last["devices"]["cpu"]["texts"] == summary.embedded_texts and "device" not in last["devices"]["cpu"]
+    )
+    assert last["devices"]["cpu"]["seconds"] == pytest.approx(
+        end[("tweet_embed_device_seconds_total", lab)], abs=1e-3
+    )

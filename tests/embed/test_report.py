@@ -120,3 +120,21 @@ def test_report_without_matplotlib_says_how_to_get_it(run_dir: Path, tmp_path: P
 def test_report_without_a_run(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no run journal"):
         write_report(str(tmp_path / "none"), str(tmp_path / "r.html"))
+
+
+def test_report_by_device_of_the_in_process_model(tmp_path: Path) -> None:
+    """A run of the in-process model (a ``random:`` shape on CPU, the real CLI): throughput stacked by device
+    and the device's busy share, both the journal's own figures."""
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), 1500, seed=11)
+    work = tmp_path / "w"
+    r = run_cli("embed", str(src), "--model", "random:L2-H64", "--device", "cpu", "--runtime", "torch",
+                "--work-dir", str(work), "--chunk-size", "300", "--log-interval", "0.3")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    d = write_report(str(work / "progress"), str(tmp_path / "r.html"))
+    intervals = [e for e in read_journal(str(work / "progress")) if e["event"] == "interval"]
+    assert set(d["throughput"]) == set(d["device_busy"]) == {"cpu"}
+    assert [y for _, y in d["throughput"]["cpu"]] == [e["devices"]["cpu"]["docs_per_s"] for e in intervals]
+    assert [y for _, y in d["device_busy"]["cpu"]] == [e["devices"]["cpu"]["busy"] for e in intervals]
+    assert sum(e["devices"]["cpu"]["docs_per_s"] for e in intervals) > 0
+    assert 'alt="device_busy"' in (tmp_path / "r.html").read_text()

@@ -68,6 +68,40 @@ class Backend(ABC):
         """The HTTP backends' :class:`~tweet_embed.backends.pool.Endpoint` objects (read-only use)."""
         return []
 
+    def device_counters(self) -> dict[str, dict[str, float]]:
+        """The in-process model's work per device (``"cpu"``, ``"cuda:1"``): ``batches``, ``texts``,
+        ``tokens`` (real ones), ``padded_tokens`` (what the model ran, padding included) and ``seconds`` of
+        device time, each cumulative since start. HTTP backends have none."""
+        return {}
+
+    def telemetry(self) -> dict[str, Any]:
+        """Everything a driver needs to show this backend's figures, as plain picklable data: cumulative
+        counters per endpoint (``Endpoint.snapshot``) and per device, and :meth:`stats`. Worker processes
+        (``--devices``, ``--engine ray``) send it back with each finished chunk."""
+        eps: dict[str, Any] = {}
+        for e in self.endpoints():
+            eps[e.host] = merge_endpoint(eps.get(e.host), e.snapshot())
+        return {"endpoints": eps, "devices": self.device_counters(), "stats": dict(self.stats())}
+
+
+def merge_endpoint(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Two snapshots of the same endpoint (two workers, or two URLs on one host:port) added up: counters
+    and in-flight inputs summed, resting if either rests."""
+    if a is None:
+        return {**b, "errors": dict(b["errors"]), "latency_counts": list(b["latency_counts"])}
+    errors = dict(a["errors"])
+    for k, v in b["errors"].items():
+        errors[k] = errors.get(k, 0) + v
+    return {
+        "requests": a["requests"] + b["requests"],
+        "inputs": a["inputs"] + b["inputs"],
+        "errors": errors,
+        "latency_counts": [x + y for x, y in zip(a["latency_counts"], b["latency_counts"], strict=True)],
+        "latency_sum": a["latency_sum"] + b["latency_sum"],
+        "in_flight": a["in_flight"] + b["in_flight"],
+        "resting": bool(a["resting"] or b["resting"]),
+    }
+
 
 def check_vectors(vectors: np.ndarray, n: int, dim: int | None) -> np.ndarray:
     """Validate a batch before it can be written: count, dimension, finite values.

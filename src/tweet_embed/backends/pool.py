@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from tweet_embed.backends.base import BackendError
@@ -100,6 +100,18 @@ class Endpoint:
 
     def resting(self, now: float | None = None) -> bool:
         return self.rest_until > (time.monotonic() if now is None else now)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative counters as plain data (for a driver in another process; see ``Backend.telemetry``)."""
+        return {
+            "requests": self.ok,
+            "inputs": self.inputs,
+            "errors": dict(self.errors),
+            "latency_counts": list(self.latency_counts),
+            "latency_sum": self.latency_sum,
+            "in_flight": self.outstanding,
+            "resting": self.resting(),
+        }
 
 
 def short_cause(cause: str, message: str) -> str:

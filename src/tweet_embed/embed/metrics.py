@@ -11,7 +11,14 @@ Names (all ``tweet_embed_``; counters end in ``_total``):
 work waits; 0 normally); per endpoint (label ``endpoint`` = host:port): ``endpoint_requests_total``,
 ``endpoint_inputs_total``, ``endpoint_errors_total{status}`` (HTTP status or cause: connection, timeout,
 bad_answer), ``endpoint_inputs_in_flight``, ``endpoint_resting`` (1 while rested), and the histogram
-``endpoint_latency_seconds``; ``backend{stat}`` carries the backend's own counters (the local model's).
+``endpoint_latency_seconds``; per device of the in-process model (labels ``device`` = ``cpu``/``cuda:1``, on
+Ray ``host/cuda:1``, and ``worker`` = the process: the device itself in-process, ``cuda:0#1`` under
+``--devices``, ``host:pid`` on Ray): ``device_batches_total``, ``device_texts_total``,
+``device_tokens_total`` (real tokens), ``device_padded_tokens_total`` and ``device_seconds_total``;
+``backend{stat}`` carries the backend's own counters (the local model's).
+
+With ``--devices`` and ``--engine ray`` the endpoint and device figures are the sum of what the workers
+report (:class:`~tweet_embed.embed.telemetry.WorkerFigures`).
 """
 
 from __future__ import annotations
@@ -83,21 +90,47 @@ def collect(monitor: RunMonitor) -> Iterator[Any]:
     lat = HistogramMetricFamily(
         "tweet_embed_endpoint_latency_seconds", "Request latency (answered)", labels=labels
     )
-    for e in monitor.endpoints():
-        host = e.host
-        req.add_metric([host], e.ok)
-        inp.add_metric([host], e.inputs)
-        for status, n in sorted(dict(e.errors).items()):
+    for host, e in sorted(monitor.endpoint_figures().items()):
+        req.add_metric([host], e["requests"])
+        inp.add_metric([host], e["inputs"])
+        for status, n in sorted(e["errors"].items()):
             err.add_metric([host, status], n)
-        fly.add_metric([host], e.outstanding)
-        rest.add_metric([host], 1.0 if e.resting() else 0.0)
+        fly.add_metric([host], e["in_flight"])
+        rest.add_metric([host], 1.0 if e["resting"] else 0.0)
         cumulative, buckets = 0, []
-        for bound, n in zip(LATENCY_BUCKETS, list(e.latency_counts), strict=True):
+        for bound, n in zip(LATENCY_BUCKETS, e["latency_counts"], strict=True):
             cumulative += n
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        lat.add_metric([host], buckets, sum_value=e.latency_sum)
+        lat.add_metric([host], buckets, sum_value=e["latency_sum"])
     yield from (req, inp, err, fly, rest, lat)
-    stats = monitor.backend.stats() if monitor.backend is not None else {}
+    dlabels = ["device", "worker"]
+    families = {
+        "batches": CounterMetricFamily(
+            "tweet_embed_device_batches", "Forward batches the in-process model ran", labels=dlabels
+        ),
+        "texts": CounterMetricFamily(
+            "tweet_embed_device_texts", "Texts the in-process model embedded", labels=dlabels
+        ),
+        "tokens": CounterMetricFamily(
+            "tweet_embed_device_tokens", "Real (non-pad) tokens the model ran", labels=dlabels
+        ),
+        "padded_tokens": CounterMetricFamily(
+            "tweet_embed_device_padded_tokens", "Tokens the model ran, padding included", labels=dlabels
+        ),
+        "seconds": CounterMetricFamily(
+            "tweet_embed_device_seconds",
+            "Device time in the model's forward (CPU: wall time of the calls; CUDA: GPU event time)",
+            labels=dlabels,
+        ),
+    }
+    for device, worker, counters in monitor.device_figures():
+        for key, fam in families.items():
+            fam.add_metric([device, worker], float(counters.get(key, 0)))
+    yield from families.values()
+    if monitor.backend is not None:
+        stats = monitor.backend.stats()
+    else:
+        stats = monitor.workers.stats() if monitor.workers is not None else {}
     be = GaugeMetricFamily("tweet_embed_backend", "The backend's own counters", labels=["stat"])
     for k, v in sorted(stats.items()):
         be.add_metric([k], float(v))

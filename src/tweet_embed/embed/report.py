@@ -5,7 +5,8 @@ Everything comes from the work dir: the run journal (``events.jsonl``, see :mod:
 the page needs no network when it is opened; the figures behind them are also inlined as JSON
 (``<script type="application/json" id="report-data">``) so they can be checked or reused.
 
-Charts: throughput over time stacked by endpoint (or the in-process model), latency p50/p95 per endpoint,
+Charts: throughput over time stacked by endpoint (or by device of the in-process model, with each device's
+busy share), latency p50/p95 per endpoint,
 retries and resting endpoints over time, rejects by reason, chunk durations, and the estimate beside the
 actual time.  Time runs across resumes on one axis (seconds since the first run started; the gap between
 runs shows as a gap).
@@ -49,6 +50,7 @@ def report_data(progress_dir: str) -> dict[str, Any]:
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     lat50: dict[str, list[tuple[float, float]]] = defaultdict(list)
     lat95: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    busy: dict[str, list[tuple[float, float]]] = defaultdict(list)  # device seconds per second, per device
     retries_t: list[tuple[float, float]] = []
     resting_t: list[tuple[float, int]] = []
     totals = {"rows": 0, "texts_sent": 0, "seconds": 0.0}
@@ -85,6 +87,10 @@ def report_data(progress_dir: str) -> dict[str, Any]:
                     if ep.get("p50_ms") is not None:
                         lat50[host].append((x, float(ep["p50_ms"])))
                         lat95[host].append((x, float(ep["p95_ms"])))
+            elif e.get("devices"):  # the in-process model: by device (or device worker)
+                for worker, dev in e["devices"].items():
+                    series[worker].append((x, float(dev.get("docs_per_s") or 0.0)))
+                    busy[worker].append((x, float(dev.get("busy") or 0.0)))
             else:
                 series["in-process model"].append((x, float(e.get("docs_per_s") or 0.0)))
             r = sum((e.get("retries") or {}).values())
@@ -116,6 +122,7 @@ def report_data(progress_dir: str) -> dict[str, Any]:
         "throughput": {k: v for k, v in series.items()},
         "latency_p50_ms": dict(lat50),
         "latency_p95_ms": dict(lat95),
+        "device_busy": dict(busy),
         "retries": retries_t,
         "resting": resting_t,
         "estimate": est,
@@ -148,9 +155,19 @@ def _charts(d: dict[str, Any]) -> list[tuple[str, bytes]]:
         ys = [[dict(d["throughput"][n]).get(x, 0.0) for x in xs] for n in names]
         ax.stackplot(xs, ys, labels=names, step="pre")  # a rate is that of the interval ending at x
         ax.legend(loc="upper left", fontsize=8)
-    ax.set(title="Throughput by endpoint (docs/s, stacked)", xlabel="seconds since the first run started")
+    by = "endpoint" if d["latency_p50_ms"] or not d["device_busy"] else "device"
+    ax.set(title=f"Throughput by {by} (docs/s, stacked)", xlabel="seconds since the first run started")
     out.append(("throughput", _png(fig)))
     plt.close(fig)
+
+    if d["device_busy"]:
+        fig, ax = plt.subplots(figsize=(10, 3))
+        for worker, pts in sorted(d["device_busy"].items()):
+            ax.plot([x for x, _ in pts], [y for _, y in pts], label=worker)
+        ax.legend(fontsize=8)
+        ax.set(title="Device busy (device seconds per second)", xlabel="seconds")
+        out.append(("device_busy", _png(fig)))
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(10, 3.5))
     for host in sorted(d["latency_p50_ms"]):

@@ -34,7 +34,7 @@ from tweet_embed.embed.chunks import (
     record_in_manifest,
 )
 from tweet_embed.embed.options import EmbedOptions, Summary, chunk_options, output_options
-from tweet_embed.embed.telemetry import RunMonitor
+from tweet_embed.embed.telemetry import RunMonitor, WorkerFigures
 from tweet_embed.embed.worker import ChunkResult, commit_chunk, embed_chunk, parse_chunks, run_pipeline
 from tweet_embed.input.records import InputError, ParsedBlock
 from tweet_embed.input.rules import rules_metadata
@@ -106,8 +106,8 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
         if pending and opts.ray is not None:
             from tweet_embed.embed.engines.ray import run_on_ray
 
-            with _driver_monitor(opts, plan, pending, summary, "ray"):
-                await run_on_ray(opts, make_backend, plan, pending, summary)
+            with _driver_monitor(opts, plan, pending, summary, "ray") as monitor:
+                await run_on_ray(opts, make_backend, plan, pending, summary, on_telemetry=monitor.report)
         elif pending and opts.devices and len(opts.devices) > 1:
             spec = make_backend
             if not isinstance(spec, BackendSpec):
@@ -121,7 +121,7 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
                 "rules": opts.rules,
             }
             out = output_options(opts, None)
-            with _driver_monitor(opts, plan, pending, summary, "devices"):
+            with _driver_monitor(opts, plan, pending, summary, "devices") as monitor:
                 await asyncio.to_thread(
                     run_on_devices,
                     opts.devices,
@@ -134,6 +134,7 @@ async def run_embed_async(opts: EmbedOptions, make_backend: Callable[[], Backend
                     __version__,
                     summary,
                     opts.log_interval,
+                    monitor.report,
                 )
         elif pending:
             factory = make_backend.build if isinstance(make_backend, BackendSpec) else make_backend
@@ -159,7 +160,8 @@ def _driver_monitor(
     opts: EmbedOptions, plan: Plan, pending: list[Chunk], summary: Summary, engine: str
 ) -> Iterator[RunMonitor]:
     """Journal and metrics for the engines that embed in other processes (--devices, --engine ray): the
-    driver's figures (rows, texts, chunks, ETA, retries as the chunks report them), no per-endpoint ones."""
+    driver's figures (rows, texts, chunks, ETA) and the per-endpoint and per-device figures the workers
+    report (``monitor.report``, see :class:`~tweet_embed.embed.telemetry.WorkerFigures`)."""
     monitor = RunMonitor(
         opts.dirs.progress,
         chunks_total=len(plan.chunks),
@@ -169,6 +171,7 @@ def _driver_monitor(
         info={"engine": engine, "inputs": [f.label for f in plan.files], "chunks_pending": len(pending)},
     )
     monitor.summary = summary
+    monitor.workers = WorkerFigures()
     metrics = None
     if opts.metrics_port is not None:
         from tweet_embed.embed.metrics import MetricsServer

@@ -31,7 +31,8 @@ from typing import Any
 import orjson
 
 from tweet_embed import storage
-from tweet_embed.backends.base import Backend
+from tweet_embed.backends.base import Backend, merge_endpoint
+from tweet_embed.backends.pool import LATENCY_BUCKETS
 from tweet_embed.progress import Progress
 
 log = logging.getLogger("tweet_embed")
@@ -70,6 +71,74 @@ def reject_kind(reason: str) -> str:
     return " ".join(words)[:60] or "other"
 
 
+def _bucket_quantile(counts: list[int], q: float) -> float | None:
+    """A quantile from latency histogram counts (``LATENCY_BUCKETS``), linear within the bucket, as
+    Prometheus' ``histogram_quantile`` does; the open last bucket answers with its lower bound. For figures
+    that come from other processes, which send counts, not each latency."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen, lower = 0, 0.0
+    for bound, n in zip(LATENCY_BUCKETS, counts, strict=True):
+        if n and seen + n >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - seen) / n
+        seen += n
+        lower = bound if bound != float("inf") else lower
+    return lower
+
+
+class WorkerFigures:
+    """The driver's copy of what each worker process last reported (``Backend.telemetry``: cumulative
+    counters per endpoint and per device, and the backend's stats), summed for /metrics and the journal.
+
+    Each worker sends its whole cumulative snapshot, so a report that is lost or late only delays figures,
+    and keeping the latest per worker (``key``: one per backend instance, so a worker that restarts its
+    backend adds to, not replaces, what the old one counted) and summing them is exact. Gauges (inputs in
+    flight, resting) are as of each worker's last report.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def update(self, key: str, worker: str, snapshot: dict[str, Any]) -> None:
+        with self._lock:
+            self._latest[key] = (worker, snapshot)
+
+    def _snapshots(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._lock:
+            return list(self._latest.values())
+
+    def reported(self) -> bool:
+        with self._lock:
+            return bool(self._latest)
+
+    def endpoints(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for _, snap in self._snapshots():
+            for host, e in (snap.get("endpoints") or {}).items():
+                out[host] = merge_endpoint(out.get(host), e)
+        return out
+
+    def devices(self) -> list[tuple[str, str, dict[str, float]]]:
+        """``(device, worker, counters)``, one per device of each worker."""
+        return sorted(
+            (device, worker, dict(c))
+            for worker, snap in self._snapshots()
+            for device, c in (snap.get("devices") or {}).items()
+        )
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, snap in self._snapshots():
+            for k, v in (snap.get("stats") or {}).items():
+                out[k] = out.get(k, 0) + int(v)
+        return out
+
+
 def _quantile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -102,6 +171,8 @@ class RunMonitor:
         # Engines that embed in other processes (--devices, --engine ray) keep their own progress; the driver's
         # Summary, updated as each chunk comes back, is then the source (no per-endpoint figures).
         self.summary: Any = None
+        # ...and what their backends report with each chunk (per endpoint, per device): see WorkerFigures
+        self.workers: WorkerFigures | None = None
         self.texts_sent = 0
         self.rejects: Counter[str] = Counter()
         self._chunk_seconds: list[float] = []
@@ -111,6 +182,10 @@ class RunMonitor:
         self._last_rows = 0
         self._last_t = self._start
         self._last_inputs: dict[str, int] = {}
+        self._last_latency: dict[str, list[int]] = {}  # per endpoint: histogram counts at the last line
+        self._last_device: dict[
+            str, tuple[float, float]
+        ] = {}  # per worker: texts and seconds at the last line
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._remote = storage.is_uri(progress_dir)
@@ -132,6 +207,12 @@ class RunMonitor:
                 self._chunk_seconds.append(round(now - t0, 3))
             self.texts_sent += texts_sent
             self.rejects.update(reject_kind(r) for r in reject_reasons)
+
+    def report(self, key: str, worker: str, snapshot: dict[str, Any]) -> None:
+        """A worker's cumulative ``Backend.telemetry`` (engines that embed in other processes)."""
+        if self.workers is None:
+            self.workers = WorkerFigures()
+        self.workers.update(key, worker, snapshot)
 
     # ------------------------------------------------------------------ read by the line, journal, metrics
 
@@ -166,6 +247,8 @@ class RunMonitor:
     def retries(self) -> dict[str, int]:
         if self.backend is not None:
             stats = self.backend.stats()
+        elif self.workers is not None and self.workers.reported():
+            stats = self.workers.stats()
         elif self.summary is not None:
             stats = {}
             for _ in range(5):  # the engine's thread may add a key while we copy
@@ -204,6 +287,23 @@ class RunMonitor:
     def endpoints(self) -> list[Any]:
         return self.backend.endpoints() if self.backend is not None else []
 
+    def endpoint_figures(self) -> dict[str, dict[str, Any]]:
+        """Per endpoint (host:port) the cumulative counters of ``Endpoint.snapshot``: this process's pool, or
+        the sum of what the workers reported."""
+        if self.backend is not None:
+            out: dict[str, dict[str, Any]] = {}
+            for e in self.backend.endpoints():
+                out[e.host] = merge_endpoint(out.get(e.host), e.snapshot())
+            return out
+        return self.workers.endpoints() if self.workers is not None else {}
+
+    def device_figures(self) -> list[tuple[str, str, dict[str, float]]]:
+        """``(device, worker, counters)`` of the in-process model: this process's (worker = device), or what
+        each worker reported (worker = its label: ``cuda:0#1`` under --devices, ``host:pid`` on Ray)."""
+        if self.backend is not None:
+            return [(d, d, c) for d, c in sorted(self.backend.device_counters().items())]
+        return self.workers.devices() if self.workers is not None else []
+
     def interval_line(self) -> dict[str, Any]:
         """One journal line: cumulative counts and this interval's rates and latencies."""
         now = time.monotonic()
@@ -212,21 +312,36 @@ class RunMonitor:
         rate = (rows - self._last_rows) / dt if dt > 0 else 0.0
         self._last_rows, self._last_t = rows, now
         eps: dict[str, Any] = {}
-        for e in self.endpoints():
-            lat = sorted(e.take_recent_latencies())
-            inputs = e.inputs
-            p50, p95 = _quantile(lat, 0.5), _quantile(lat, 0.95)
-            eps[e.host] = {
-                "requests": e.ok,
-                "errors": dict(e.errors),
-                "inputs": inputs,
-                "docs_per_s": round((inputs - self._last_inputs.get(e.host, 0)) / dt, 2) if dt > 0 else 0.0,
-                "in_flight": e.outstanding,
-                "resting": e.resting(now),
-                "p50_ms": round(p50 * 1000, 2) if p50 is not None else None,
-                "p95_ms": round(p95 * 1000, 2) if p95 is not None else None,
+        if self.backend is not None:  # this process's pool: the interval's exact latencies
+            for e in self.endpoints():
+                lat = sorted(e.take_recent_latencies())
+                eps[e.host] = self._endpoint_line(
+                    e.host, e.snapshot(), dt, _quantile(lat, 0.5), _quantile(lat, 0.95)
+                )
+        else:  # workers' reports: quantiles from the interval's histogram counts
+            for host, snap in self.endpoint_figures().items():
+                counts = list(snap["latency_counts"])
+                before = self._last_latency.get(host, [0] * len(counts))
+                delta = [a - b for a, b in zip(counts, before, strict=True)]
+                self._last_latency[host] = counts
+                eps[host] = self._endpoint_line(
+                    host, snap, dt, _bucket_quantile(delta, 0.5), _bucket_quantile(delta, 0.95)
+                )
+        devices: dict[str, Any] = {}
+        for device, worker, c in self.device_figures():
+            texts0, secs0 = self._last_device.get(worker, (0.0, 0.0))
+            self._last_device[worker] = (c["texts"], c["seconds"])
+            devices[worker] = {
+                **({"device": device} if device != worker else {}),
+                "batches": int(c["batches"]),
+                "texts": int(c["texts"]),
+                "tokens": int(c["tokens"]),
+                "padded_tokens": int(c["padded_tokens"]),
+                "seconds": round(c["seconds"], 3),
+                "docs_per_s": round((c["texts"] - texts0) / dt, 2) if dt > 0 else 0.0,
+                # share of the interval the device was computing (above 1: workers sharing it overlap)
+                "busy": round((c["seconds"] - secs0) / dt, 3) if dt > 0 else 0.0,
             }
-            self._last_inputs[e.host] = inputs
         with self._lock:
             chunk_seconds, self._chunk_seconds = self._chunk_seconds, []
             rejects = dict(self.rejects)
@@ -252,8 +367,26 @@ class RunMonitor:
             "waiting_s": round(self.waiting_seconds(), 1),
             "waiting": waiting,
             "endpoints": eps,
+            "devices": devices,
             "chunk_seconds": chunk_seconds,
         }
+
+    def _endpoint_line(
+        self, host: str, snap: dict[str, Any], dt: float, p50: float | None, p95: float | None
+    ) -> dict[str, Any]:
+        inputs = int(snap["inputs"])
+        line = {
+            "requests": snap["requests"],
+            "errors": snap["errors"],
+            "inputs": inputs,
+            "docs_per_s": round((inputs - self._last_inputs.get(host, 0)) / dt, 2) if dt > 0 else 0.0,
+            "in_flight": snap["in_flight"],
+            "resting": snap["resting"],
+            "p50_ms": round(p50 * 1000, 2) if p50 is not None else None,
+            "p95_ms": round(p95 * 1000, 2) if p95 is not None else None,
+        }
+        self._last_inputs[host] = inputs
+        return line
 
     # ------------------------------------------------------------------ the journal
 

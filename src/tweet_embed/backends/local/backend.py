@@ -121,6 +121,16 @@ class LocalBackend(Backend):
             "graphs": 0,
         }
         self._stats_lock = threading.Lock()
+        # What the model ran on its device, for /metrics and the journal (``device_counters``): forward
+        # batches, texts, real and padded tokens, and device seconds (see _embed_sync for how each runtime's
+        # seconds are measured).
+        self._device_figs: dict[str, float] = {
+            "batches": 0,
+            "texts": 0,
+            "tokens": 0,
+            "padded_tokens": 0,
+            "seconds": 0.0,
+        }
         # filled by _load
         self._torch: Any = None
         self._st: Any = None  # SentenceTransformer when the fast pipeline does not apply
@@ -531,6 +541,7 @@ class LocalBackend(Backend):
         fwd = self._fwd
         if fwd is None and self._ov is None:
             with self._lock, torch.inference_mode():
+                t_st = time.perf_counter()
                 vecs = self._st.encode(
                     list(texts),
                     batch_size=self.batch_size or 64,
@@ -538,6 +549,9 @@ class LocalBackend(Backend):
                     normalize_embeddings=self.normalize,
                     show_progress_bar=False,
                 )
+                # sentence-transformers tokenizes inside encode: seconds are the whole call's wall time,
+                # tokens are not known here (0)
+                self._count_device(-(-n // (self.batch_size or 64)), n, 0, 0, time.perf_counter() - t_st)
             if self.options.dimensions is not None:
                 vecs = truncate(np.asarray(vecs), self.options.dimensions, self.normalize)
             return check_vectors(np.asarray(vecs, dtype=np.float32), n, self._dim)
@@ -564,9 +578,12 @@ class LocalBackend(Backend):
             if self._ov is not None
             else []
         )
+        forward_s = 0.0  # device seconds of this call (CPU runtimes: wall time of the forward calls)
         with self._lock, torch.inference_mode():
             if self._ov is not None:
+                t_fw = time.perf_counter()
                 host = self._ov.run(ov_batches)
+                forward_s = time.perf_counter() - t_fw
                 done = None
             elif self._cuda:
                 assert fwd is not None
@@ -594,13 +611,20 @@ class LocalBackend(Backend):
                     rows = order[s:e]
                     ids = torch.from_numpy(pad_rows(flat, offsets, lengths, rows, length))
                     lens = torch.from_numpy(lengths[rows].astype(np.int32))
+                    t_fw = time.perf_counter()
                     host[s:e] = fwd(ids, lens)
+                    forward_s += time.perf_counter() - t_fw
                 done = None
         t_launched = time.perf_counter()
         gpu_ms = 0.0
         if done is not None:
             done.synchronize()  # outside the lock: the next call may queue its batches meanwhile
             gpu_ms = began.elapsed_time(done)
+            # CUDA: device seconds are the GPU's own clock between the events around this call's batches
+            # (read once the synchronising call returns), not wall time around that call: two calls overlap
+            # (one launches while the other waits), and wall time would count the overlap twice, whereas
+            # both calls' batches queue on one stream, so their event intervals never overlap.
+            forward_s = gpu_ms / 1000.0
         t_synced = time.perf_counter()
         result = np.empty((n, self._dim), dtype=np.float32)
         result[order] = host if isinstance(host, np.ndarray) else host.numpy()
@@ -617,7 +641,21 @@ class LocalBackend(Backend):
             st["launch_ms"] += int((t_launched - t1) * 1000)
             st["wait_ms"] += int((t_synced - t_launched) * 1000)
             st["gpu_ms"] += int(gpu_ms)
+        self._count_device(len(batches), n, int(lengths.sum()), int(padded), forward_s)
         return check_vectors(result, n, self._dim)
+
+    def _count_device(self, batches: int, texts: int, tokens: int, padded: int, seconds: float) -> None:
+        with self._stats_lock:
+            d = self._device_figs
+            d["batches"] += batches
+            d["texts"] += texts
+            d["tokens"] += tokens
+            d["padded_tokens"] += padded
+            d["seconds"] += seconds
+
+    def device_counters(self) -> dict[str, dict[str, float]]:
+        with self._stats_lock:
+            return {self._device: dict(self._device_figs)}
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.info is None:

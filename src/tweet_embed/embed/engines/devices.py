@@ -75,7 +75,8 @@ def _worker_main(
             loop.run_until_complete(_serve(index, backend, info, dirs, plan, opts, metadata, tasks, results))
         finally:
             loop.run_until_complete(backend.close())
-        results.put(("stats", index, backend.stats()))
+        # the final figures: nothing in flight any more (a chunk's own report may have caught the other one's)
+        results.put(("stats", index, backend.stats(), backend.telemetry()))
     except BaseException as exc:  # report everything, KeyboardInterrupt included
         results.put(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
 
@@ -116,16 +117,26 @@ async def _serve(
         label = plan.files[chunk.file_index].label
         return await embed_chunk(backend, chunk, block, info, copts, file_label=label)
 
+    async def report_every(seconds: float) -> None:
+        # between chunks too (a chunk on a slow backend can take minutes); on the loop's thread, where the
+        # HTTP pool's counters change, so a snapshot never reads them mid-update
+        while True:
+            await asyncio.sleep(seconds)
+            results.put(("telemetry", index, backend.telemetry()))
+
+    reporter = asyncio.ensure_future(report_every(max(0.1, float(opts.get("report_s", 5.0)))))
     try:
         await run_pipeline(
             next_block,
             embed,
             lambda chunk, result: commit_chunk(dirs, chunk, result, metadata),
-            lambda chunk, marker: results.put(("done", index, chunk.n_lines, marker)),
+            # each finished chunk carries the backend's cumulative figures (per endpoint, per device)
+            lambda chunk, marker: results.put(("done", index, chunk.n_lines, marker, backend.telemetry())),
             chunks_in_flight=CHUNKS_IN_FLIGHT,
             writes_in_flight=WRITES_IN_FLIGHT,
         )
     finally:
+        reporter.cancel()
         stopping.set()
 
 
@@ -237,8 +248,12 @@ def run_on_devices(
     version: str,
     summary: Any,
     log_interval: float,
+    on_telemetry: Callable[[str, str, dict[str, Any]], None] | None = None,
 ) -> None:
-    """Embed ``pending`` with one process per device; updates ``summary`` in place."""
+    """Embed ``pending`` with one process per device; updates ``summary`` in place. ``on_telemetry(key,
+    worker, snapshot)`` receives each worker's cumulative ``Backend.telemetry`` (with each finished chunk,
+    every ``log_interval`` seconds, and at its end)."""
+    opts = {**opts, "report_s": log_interval}
     pool = DevicePool(devices, spec, dirs, plan, opts, version)
     pool.start()
     try:
@@ -282,8 +297,11 @@ def run_on_devices(
                 if feeder_error:
                     raise feeder_error[0]
                 msg = pool.get()
+                if on_telemetry is not None and msg[0] in ("done", "telemetry", "stats"):
+                    label = pool.labels[msg[1]]
+                    on_telemetry(label, label, msg[-1])
                 if msg[0] == "done":
-                    _, _, n_lines, marker = msg
+                    n_lines, marker = msg[2], msg[3]
                     outstanding -= 1
                     summary.rows += marker.rows
                     summary.embedded_texts += marker.embedded_texts

@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -115,6 +116,7 @@ class _Runtime:
         self.backend: Backend | None = None
         self.info: BackendInfo | None = None
         self.limiter: asyncio.Semaphore | None = None
+        self.backend_id = ""  # one per started backend: the driver keeps each one's latest figures
         self.lock = asyncio.Lock()
         atexit.register(self.close)
 
@@ -126,6 +128,17 @@ class _Runtime:
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def telemetry(self) -> dict[str, Any]:
+        """This process's backend figures for the driver (``Backend.telemetry``), named for the cluster:
+        worker ``host:pid``, devices ``host/cuda:0`` (every node has a cuda:0)."""
+        backend = self.backend
+        if backend is None:
+            return {}
+        host = socket.gethostname()
+        snap = backend.telemetry()
+        snap["devices"] = {f"{host}/{d}": c for d, c in snap.get("devices", {}).items()}
+        return {"key": self.backend_id, "worker": f"{host}:{os.getpid()}", "snapshot": snap}
 
     async def backend_for(
         self, key: str, factory: Callable[[], Backend], slots: int
@@ -139,6 +152,7 @@ class _Runtime:
                 backend = factory()
                 info = await backend.start()
                 self.backend, self.info, self.key = backend, info, key
+                self.backend_id = uuid.uuid4().hex
                 # the servers' capacity shared out, rounded down: rounded up, the tasks together queue more
                 # than the servers accept and get 429s (bench/ray_nodes.py, 3 nodes)
                 share = max(1, info.max_in_flight // max(1, slots))
@@ -168,15 +182,16 @@ def _get_runtime() -> _Runtime:
 
 def run_chunk(
     job: _Job, f: InputFile, chunk: Chunk, data: bytes | None, stats: bool = True
-) -> tuple[Marker, dict[str, int]]:
+) -> tuple[Marker, dict[str, int], dict[str, Any]]:
     """One chunk on a Ray worker: the shared :func:`process_chunk`, with this process's backend.
 
-    Returns the marker and what the backend's counters grew by (a task runs alone in its process, so the
-    difference is this chunk's; actors run two chunks at once and report their counters at the end instead).
+    Returns the marker, what the backend's counters grew by (a task runs alone in its process, so the
+    difference is this chunk's; actors run two chunks at once and report their counters at the end instead),
+    and the backend's cumulative figures per endpoint and device (:meth:`_Runtime.telemetry`).
     """
     rt = _get_runtime()
 
-    async def go() -> tuple[Marker, dict[str, int]]:
+    async def go() -> tuple[Marker, dict[str, int], dict[str, Any]]:
         backend, info = await rt.backend_for(job.key, job.factory, job.slots)
         if (info.model, info.dim) != (job.model, job.dim):
             raise BackendError(
@@ -192,9 +207,10 @@ def run_chunk(
             await rt.drop()
             raise
         if not stats:
-            return marker, {}
+            return marker, {}, rt.telemetry()
         after = backend.stats()
-        return marker, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        grew = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        return marker, grew, rt.telemetry()
 
     return rt.run(go())  # type: ignore[no-any-return]
 
@@ -215,13 +231,16 @@ class ChunkActor:
 
     def process(
         self, job: _Job, f: InputFile, chunk: Chunk, data: bytes | None
-    ) -> tuple[Marker, dict[str, int]]:
+    ) -> tuple[Marker, dict[str, int], dict[str, Any]]:
         _start_actor_backend(self.key, self.factory, 1)  # after a restart the constructor ran again: load
         return run_chunk(job, f, chunk, data, stats=False)
 
     def stats(self) -> dict[str, int]:
         rt = _get_runtime()
         return dict(rt.backend.stats()) if rt.backend is not None else {}
+
+    def telemetry(self) -> dict[str, Any]:
+        return _get_runtime().telemetry()
 
     def pid(self) -> int:
         return os.getpid()
@@ -308,8 +327,11 @@ async def run_on_ray(
     plan: Plan,
     pending: list[Chunk],
     summary: Summary,
+    on_telemetry: Callable[[str, str, dict[str, Any]], None] | None = None,
 ) -> None:
     """Embed ``pending`` on Ray; updates ``summary`` in place. Called by ``run_embed_async`` under its lock.
+    ``on_telemetry(key, worker, snapshot)`` receives each worker backend's cumulative figures as its chunks
+    finish (and each actor's at the end).
 
     Blocks the event loop on purpose while it waits on Ray: nothing else runs on it, and a SIGTERM/Ctrl-C
     then lands here, which cancels the outstanding tasks before the error reaches the caller.
@@ -358,7 +380,9 @@ async def run_on_ray(
                 ray, ropts, opts.chunks_in_flight, ray.put(job), plan, pool, copts.dedupe is not None
             )
             with Progress(total_rows=sum(c.n_lines for c in pending), interval=opts.log_interval) as progress:
-                for chunk, marker, stats in run.results(_work_items(plan, pending)):
+                for chunk, marker, stats, figures in run.results(_work_items(plan, pending)):
+                    if on_telemetry is not None and figures:
+                        on_telemetry(figures["key"], figures["worker"], figures["snapshot"])
                     summary.rows += marker.rows
                     summary.embedded_texts += marker.embedded_texts
                     summary.reused += marker.reused
@@ -368,6 +392,9 @@ async def run_on_ray(
                     progress.add(marker.rows, chunk.n_lines)
             for k, v in (pool.stats() if pool else {}).items():
                 summary.stats[k] = summary.stats.get(k, 0) + v
+            if pool and on_telemetry is not None:  # the actors' final figures (nothing in flight)
+                for figures in pool.telemetry():
+                    on_telemetry(figures["key"], figures["worker"], figures["snapshot"])
         finally:
             if pool:
                 pool.close()
@@ -437,7 +464,7 @@ class _Schedule:
 
     def results(
         self, items: Iterator[tuple[Chunk, bytes | None]]
-    ) -> Iterator[tuple[Chunk, Marker, dict[str, int]]]:
+    ) -> Iterator[tuple[Chunk, Marker, dict[str, int], dict[str, Any]]]:
         ray = self.ray
         try:
             exhausted = False
@@ -471,7 +498,7 @@ class _Schedule:
                         continue  # an actor came up: poll() takes it next round
                     chunk, data, actor = self.inflight.pop(ref)
                     try:
-                        marker, stats = ray.get(ref)
+                        marker, stats, figures = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:
                         self._actor_lost(actor, chunk, data, exc)
                         continue
@@ -486,7 +513,7 @@ class _Schedule:
                         continue
                     if self.pool is not None:
                         self.pool.release(actor)
-                    yield chunk, marker, stats
+                    yield chunk, marker, stats, figures
         except BaseException:
             for ref in self.inflight:
                 with contextlib.suppress(Exception):
@@ -648,6 +675,9 @@ class _ActorPool:
             for k, v in counters.items():
                 out[k] = out.get(k, 0) + v
         return out
+
+    def telemetry(self) -> list[dict[str, Any]]:
+        return [t for t in self.ray.get([a.telemetry.remote() for a in self.ready]) if t]
 
     def close(self) -> None:
         for a in [*self.ready, *self.starting.values()]:
