@@ -322,3 +322,32 @@ def test_kill9_of_parent_leaves_no_worker_or_tokenizer_process(tmp_path) -> None
     assert r.returncode == 0, r.stderr
     ids, _, _ = read_shards(str(tmp_path / "w" / "shards"), 64)
     assert ids == [t[0] for t in synth_tweets(6000, seed=5)]
+
+
+def test_a_malformed_server_url_is_a_usage_error_naming_it(tmp_path) -> None:
+    """A URL the HTTP client cannot use is refused before anything starts (exit 2, the URL named, no
+    traceback), for ``embed``, the original ``embed_tweets.py`` line and ``plan``; credentials stay hidden."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"_id": "1", "text": "hello"}\n')
+    work = str(tmp_path / "w")
+    for cmd, url, shown in [
+        (["embed", "--tei-urls"], ":///embed", "':///embed'"),
+        (
+            ["embed", "--tei-urls"],
+            "http://127.0.0.1:8080/embed,http://gpu1:port/embed",
+            "'http://gpu1:port/embed'",
+        ),
+        (["embed", "--openai-urls"], "gpu1:8080/v1/embeddings", "'gpu1:8080/v1/embeddings'"),
+        (["embed", "--tei-urls"], "http://me:secret@gpu1:80x/embed", "'http://***@gpu1:80x/embed'"),
+        (["plan", "--tei-urls"], "ftp://gpu1/embed", "'ftp://gpu1/embed'"),
+    ]:
+        r = run_cli(cmd[0], str(src), cmd[1], url, "--work-dir", work)
+        assert r.returncode == 2, r.stderr
+        assert f"{cmd[1]}: {shown} is not a usable server URL" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "secret" not in r.stderr
+    r = subprocess.run(
+        [sys.executable, "embed_tweets.py", "--input-file", str(src), "--tei-urls", ":///embed"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "':///embed' is not a usable server URL" in r.stderr, r.stderr
+    assert not (tmp_path / "w" / "shards").exists() or not list((tmp_path / "w" / "shards").iterdir())

@@ -64,6 +64,8 @@ class Endpoint:
     outstanding: int = 0
     consecutive_failures: int = 0
     rest_until: float = 0.0
+    rest_started: float = 0.0  # when the last rest began: requests sent before it failed in the same outage
+    rests: int = 0  # rests in the current failure streak (reset by a success): the next rest doubles
     last_error: str = ""
     last_cause: str = ""  # short: "connection refused", "503", "timeout"... (the waiting note shows it)
     ok: int = 0
@@ -236,7 +238,7 @@ class EndpointPool:
                 result = await fn(ep)
             except RetryableError as exc:
                 await self._release(ep, n_inputs)
-                self._failed(ep, exc.cause, str(exc))
+                self._failed(ep, exc.cause, str(exc), t0)
                 attempt += 1
                 if time.monotonic() >= self.last_success + self.policy.max_retry_time:
                     raise self._give_up() from exc
@@ -252,20 +254,34 @@ class EndpointPool:
             ep.inputs += n_inputs
             ep.observe(now - t0)
             ep.consecutive_failures = 0
+            ep.rests = 0
             self.last_success = now
             return result
 
-    def _failed(self, ep: Endpoint, cause: str, message: str) -> None:
+    def _failed(self, ep: Endpoint, cause: str, message: str, sent: float | None = None) -> None:
+        """Count a failed request (``sent``: when it went out) and rest the endpoint when it keeps failing.
+
+        The rest grows per outage, not per request: ``rest_after`` consecutive failures rest it 0.5 s, and
+        each later failure of a request sent after the rest began (the probe once the rest is over) doubles
+        the rest, up to ``max_rest``. Requests that were already in flight when the rest began (64 of them
+        failing together when a server drops its connections) are the same outage: they are counted, but
+        neither start nor lengthen a rest, so a 3 s outage costs a few seconds of rest, not the 30 s cap.
+        """
+        now = time.monotonic()
         self.retries[cause] += 1
         ep.failed += 1
         ep.errors[cause] += 1
         ep.consecutive_failures += 1
         ep.last_error = message[:300]
         ep.last_cause = short_cause(cause, message)
-        if ep.consecutive_failures >= self.policy.rest_after:
-            rest = min(self.policy.max_rest, 0.5 * 2 ** (ep.consecutive_failures - self.policy.rest_after))
-            ep.rest_until = time.monotonic() + rest
-            if ep.consecutive_failures == self.policy.rest_after:
+        if sent is not None and sent < ep.rest_started:
+            return  # in flight when the current rest began: already accounted for
+        if ep.rests or ep.consecutive_failures >= self.policy.rest_after:
+            rest = min(self.policy.max_rest, 0.5 * 2**ep.rests)
+            ep.rests += 1
+            ep.rest_started = now
+            ep.rest_until = now + rest
+            if ep.rests == 1:
                 log.warning(
                     "resting %s for %.1fs after %d failures (%s)",
                     ep.name,

@@ -225,6 +225,29 @@ def _all_cores() -> int:
     return default_workers()
 
 
+def _bad_url(args: argparse.Namespace) -> str | None:
+    """The first server URL the HTTP client cannot use (no http(s) scheme, no host, a port that is not a
+    number), as a usage error naming it; None when all are usable. Checked here, before anything starts,
+    because the client would otherwise fail with a traceback at its first request."""
+    import re
+
+    from tweet_embed.backends import split_urls
+    from tweet_embed.backends.h1 import Target
+    from tweet_embed.backends.pool import redact_url
+
+    for flag, values in (("--tei-urls", args.tei_urls), ("--openai-urls", args.openai_urls)):
+        for url in split_urls(values):
+            try:
+                Target.parse(url)
+            except ValueError as exc:
+                try:
+                    shown = redact_url(url)
+                except ValueError:  # a bad port fails redact_url too: hide user:password@ by hand
+                    shown = re.sub(r"//[^/@]*@", "//***@", url)
+                return f"{flag}: {shown!r} is not a usable server URL ({exc}); expected http(s)://HOST[:PORT]/PATH"
+    return None
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from tweet_embed.backends import BackendError, BackendSpec, VectorOptions, read_api_key
     from tweet_embed.backends.pool import redact_url
@@ -248,6 +271,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
         api_key = read_api_key(args.api_key_file)
     except (BackendError, OSError) as exc:
         log.error("%s", exc)
+        return EXIT_USAGE
+
+    bad_url = _bad_url(args)
+    if bad_url:
+        log.error("%s", bad_url)
         return EXIT_USAGE
 
     try:  # --prompt with --prompt-name is an error before anything starts
