@@ -133,3 +133,47 @@ def test_journal_lines_across_a_resume(tmp_path: Path) -> None:
     # Bounded: a line with one endpoint stays well under 1 kB (the docs' 24-hour figure builds on this).
     sizes = [len(orjson.dumps(e)) for e in events if e["event"] == "interval"]
     assert max(sizes) < 1000, max(sizes)
+
+
+def test_worker_figures_sum_the_latest_report_of_each_worker() -> None:
+    """The driver's sum of the workers' cumulative reports: a later report replaces that worker's earlier one,
+    workers add up, a worker that restarted its backend (a new key) keeps what the old one counted, and the
+    interval's latency quantiles come from histogram counts."""
+    from tweet_embed.backends.pool import LATENCY_BUCKETS
+    from tweet_embed.embed.telemetry import WorkerFigures, _bucket_quantile
+
+    def ep(requests: int, in_flight: int, resting: bool, bucket: int) -> dict:
+        counts = [0] * len(LATENCY_BUCKETS)
+        counts[bucket] = requests
+        return {"requests": requests, "inputs": 10 * requests, "errors": {"503": 1}, "latency_counts": counts,
+                "latency_sum": 0.02 * requests, "in_flight": in_flight, "resting": resting}  # fmt: skip
+
+    def dev(texts: int) -> dict:
+        return {"batches": 1, "texts": texts, "tokens": 5 * texts, "padded_tokens": 8 * texts, "seconds": 0.5}
+
+    f = WorkerFigures()
+    f.update("a", "cuda:0#0", {"endpoints": {"h:1": ep(3, 4, False, 2)}, "devices": {"cuda:0": dev(10)},
+                               "stats": {"retry_503": 1}})  # fmt: skip
+    f.update("a", "cuda:0#0", {"endpoints": {"h:1": ep(5, 0, False, 2)}, "devices": {"cuda:0": dev(30)},
+                               "stats": {"retry_503": 2}})  # fmt: skip
+    f.update("b", "cuda:0#1", {"endpoints": {"h:1": ep(2, 6, True, 3)}, "devices": {"cuda:0": dev(7)},
+                               "stats": {"retry_503": 1}})  # fmt: skip
+    f.update("b2", "cuda:0#1", {"endpoints": {}, "devices": {"cuda:0": dev(1)}, "stats": {}})  # restarted
+    e = f.endpoints()["h:1"]
+    assert (e["requests"], e["inputs"], e["errors"], e["in_flight"], e["resting"]) == (
+        7,
+        70,
+        {"503": 2},
+        6,
+        True,
+    )
+    assert e["latency_counts"][2:4] == [5, 2] and sum(e["latency_counts"]) == 7
+    assert [(d, w, c["texts"], c["seconds"]) for d, w, c in f.devices()] == [
+        ("cuda:0", "cuda:0#0", 30, 0.5),
+        ("cuda:0", "cuda:0#1", 8, 1.0),
+    ]
+    assert f.stats() == {"retry_503": 3}
+    # all in the (0.01, 0.025] bucket: linear inside it; the open last bucket answers with its lower bound
+    assert _bucket_quantile(e["latency_counts"][:2] + [4] + [0] * (len(LATENCY_BUCKETS) - 3), 0.5) == 0.0175
+    assert _bucket_quantile([0] * (len(LATENCY_BUCKETS) - 1) + [3], 0.95) == 60.0
+    assert _bucket_quantile([0] * len(LATENCY_BUCKETS), 0.5) is None

@@ -124,12 +124,15 @@ class WorkerFigures:
         return out
 
     def devices(self) -> list[tuple[str, str, dict[str, float]]]:
-        """``(device, worker, counters)``, one per device of each worker."""
-        return sorted(
-            (device, worker, dict(c))
-            for worker, snap in self._snapshots()
-            for device, c in (snap.get("devices") or {}).items()
-        )
+        """``(device, worker, counters)``, one per device of each worker (a worker that restarted its backend
+        reports under two keys: summed)."""
+        out: dict[tuple[str, str], dict[str, float]] = {}
+        for worker, snap in self._snapshots():
+            for device, c in (snap.get("devices") or {}).items():
+                into = out.setdefault((device, worker), {})
+                for k, v in c.items():
+                    into[k] = into.get(k, 0) + v
+        return [(device, worker, c) for (device, worker), c in sorted(out.items())]
 
     def stats(self) -> dict[str, int]:
         out: dict[str, int] = {}
