@@ -187,3 +187,32 @@ def test_xlmr_runs_through_openvino(monkeypatch, tmp_path):
     got = started(model="random:xlmr-L2-H64")
     assert got.runtime == "openvino"
     assert (ref * got.embed_sync(texts)).sum(axis=1).min() > 0.9999
+
+
+def test_close_never_hangs():
+    """Closing the compiled model after a run must return. With ``AsyncInferQueue`` (before), dropping the queue
+    while a runtime thread wanted the GIL for its Python callback hung the process for good — CI saw `search` stuck
+    in ``close``, and this loop hung within its first ten rounds. Run in a child process so a hang fails the test
+    instead of stalling the suite."""
+    import subprocess
+
+    script = f"""
+import asyncio
+import numpy as np
+from tweet_embed.backends.local import LocalBackend
+from tweet_embed.backends.local.openvino import OpenVINOForward
+b = LocalBackend({TINY!r}, device="cpu", runtime="openvino")
+asyncio.run(b.start())
+batches = [(np.full((8, 12), 1000, np.int32), np.full(8, 12, np.int32)) for _ in range(6)]
+for _ in range(20):
+    fwd = OpenVINOForward(b._ov.model_dir, "f32", 2, True, width=64)
+    rows = fwd.run(batches)
+    assert rows.shape == (48, 64) and abs(float(np.linalg.norm(rows[0])) - 1) < 1e-5
+    fwd.close()
+    del fwd
+asyncio.run(b.close())
+print("closed 20 times")
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "closed 20 times" in r.stdout, r.stderr[-2000:]

@@ -15,13 +15,14 @@ What is here:
   hash, the pooling, and the versions of OpenVINO, torch and transformers. A finished export is published by
   one rename, with a checksum file written last; a copy whose checksums do not match is removed and exported
   again, never loaded. A file lock keeps concurrent worker processes from exporting the same model twice.
-- :class:`OpenVINOForward`: the compiled model; batches go through an ``AsyncInferQueue`` (one request per
-  stream: the runtime spreads streams over cores) and come back pooled; normalisation is done here, so one
+- :class:`OpenVINOForward`: the compiled model; batches go through one infer request per stream, kept busy
+  (the runtime spreads streams over cores) and come back pooled; normalisation is done here, so one
   export serves both ``--normalize`` settings.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -306,32 +307,47 @@ class OpenVINOForward:
         self.dims: int | None = None  # keep the first N dimensions (Matryoshka), before normalising
         self.hint = hint
         self.model_dir = model_dir
-        self._queue: Any = None
+        self._requests: list[Any] = []
 
     def run(self, batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """``(ids (B, L) int32, lengths (B,))`` batches -> their rows, concatenated in batch order."""
+        """``(ids (B, L) int32, lengths (B,))`` batches -> their rows, concatenated in batch order.
+
+        One infer request per stream, kept busy: a batch starts on a free request, and when none is free the
+        oldest is waited for and its rows copied out. Plain requests, not ``AsyncInferQueue``: that queue's
+        callbacks run Python on the runtime's threads, and dropping the queue (``close``) while one of them
+        wanted the GIL hung the process for good (seen in CI: ``search`` stuck in ``close``; OpenVINO fixed the
+        destructor upstream in PR 37073). ``wait`` releases the GIL, and no Python runs on the runtime's threads.
+        """
         total = sum(len(lens) for _, lens in batches)
         out = np.empty((total, self.width), dtype=np.float32)
-        if self._queue is None:
-            self._queue = self._ov.AsyncInferQueue(self.compiled, self.requests)
-        errors: list[BaseException] = []
+        if not self._requests:
+            self._requests = [self.compiled.create_infer_request() for _ in range(self.requests)]
+        free = list(self._requests)
+        pending: collections.deque[tuple[Any, int, int]] = collections.deque()
 
-        def done(request: Any, start: int) -> None:
-            try:
-                rows = request.get_output_tensor(0).data
-                out[start : start + rows.shape[0]] = rows
-            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
-                errors.append(exc)
+        def collect() -> None:
+            request, begin, rows = pending.popleft()
+            request.wait()
+            out[begin : begin + rows] = request.get_output_tensor(0).data
+            free.append(request)
 
-        self._queue.set_callback(done)
         start = 0
-        for ids, lens in batches:
-            mask = (np.arange(ids.shape[1], dtype=np.int32)[None, :] < lens[:, None]).astype(np.int32)
-            self._queue.start_async({"input_ids": ids, "attention_mask": mask}, start)
-            start += len(lens)
-        self._queue.wait_all()
-        if errors:
-            raise BackendError(f"OpenVINO inference failed: {errors[0]}") from errors[0]
+        try:
+            for ids, lens in batches:
+                if not free:
+                    collect()
+                mask = (np.arange(ids.shape[1], dtype=np.int32)[None, :] < lens[:, None]).astype(np.int32)
+                request = free.pop()
+                request.start_async({"input_ids": ids, "attention_mask": mask})
+                pending.append((request, start, len(lens)))
+                start += len(lens)
+            while pending:
+                collect()
+        except Exception as exc:
+            for request, _, _ in pending:  # none left running on arrays this call owns
+                with contextlib.suppress(Exception):
+                    request.wait()
+            raise BackendError(f"OpenVINO inference failed: {exc}") from exc
         if self.dims is not None:
             out = np.ascontiguousarray(out[:, : self.dims])
         if self.normalize:
@@ -340,5 +356,5 @@ class OpenVINOForward:
         return out
 
     def close(self) -> None:
-        self._queue = None
+        self._requests = []
         self.compiled = None
