@@ -92,3 +92,66 @@ def test_plan_table_and_no_calibration(tmp_path: Path) -> None:
     assert sent == 1  # only the start-up probe: nothing embedded without --calibrate
     assert re.search(r"^tokens\s+p50 \d+, p95 \d+, max \d+; over 512: 0.00%$", table, re.M)
     assert r["estimated_seconds"] is None and (tmp_path / "w" / "progress" / "estimate.json").exists()
+
+
+def test_exact_distinct_is_the_map_embed_then_reuses(tmp_path: Path) -> None:
+    """Repeats far apart (a retweet hours after its tweet) are missed by the sample but not by the exact
+    count, which is the dedupe map itself: `embed` in the same work dir loads it instead of scanning again,
+    and a map made with other input options (a filter) is planned again, never trusted."""
+    import dataclasses
+    import os
+
+    from tweet_embed.embed.runner import run_embed
+    from tweet_embed.input.rules import Rules
+
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), 12_000, seed=4, repeat_fraction=0.4)
+    texts = [orjson.loads(x)["text"] for x in src.read_bytes().splitlines()]
+    dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
+    opts = EmbedOptions(inputs=[str(src)], dirs=dirs, chunk_lines=200, log_interval=60)
+    with TEIServer(dim=DIM) as srv:
+        spec = BackendSpec(urls=(srv.embed_url,))
+        sampled = asyncio.run(make_estimate(opts, spec, sample_lines=1000, calibrate=0, distinct="sample"))
+        index = tmp_path / "w" / "progress" / "dedupe" / "index.json"
+        assert not index.exists()  # the sample estimate builds no map
+        exact = asyncio.run(make_estimate(opts, spec, sample_lines=1000, calibrate=0))  # auto: exact here
+        assert exact["distinct_method"] == "exact" and sampled["distinct_method"] == "sample"
+        assert exact["distinct_texts"] == len(set(texts)) < sampled["distinct_texts"]  # sample: upper bound
+        assert exact["valid_rows"] == 12_000 and exact["texts_to_send"] == len(set(texts))
+        assert "whole input" in format_table(exact)
+        built = index.stat().st_mtime_ns
+        summary = run_embed(dataclasses.replace(opts, max_chunks=3), spec)
+        assert index.stat().st_mtime_ns == built  # embed loaded the plan's map
+        assert summary.distinct_texts == exact["distinct_texts"]
+        # Other input options: other texts, so the map is made again for them.
+        long_only = EmbedOptions(
+            inputs=[str(src)], dirs=WorkDirs.from_options(str(tmp_path / "w"), None, None, None),
+            chunk_lines=200, rules=Rules(min_chars=60),
+        )  # fmt: skip
+        again = asyncio.run(make_estimate(long_only, spec, sample_lines=1000, calibrate=0))
+        assert os.stat(index).st_mtime_ns != built
+        kept = [t for t in texts if len(t.strip()) >= 60]
+        assert again["distinct_texts"] == len(set(kept)) and again["valid_rows"] == len(kept)
+
+
+def test_token_lengths_from_the_in_process_model(tmp_path: Path) -> None:
+    """The local model's own tokenizer gives the token figures, untruncated, against its maximum length."""
+    from tokenizers import Tokenizer
+
+    from tweet_embed.backends.local import minilm_dir
+
+    src = tmp_path / "in.jsonl"
+    write_jsonl(str(src), 300, seed=5)
+    with src.open("a") as f:  # one text far over MiniLM's 256 tokens
+        f.write(json.dumps({"_id": "long", "text": "storm " * 400}) + "\n")
+    texts = [orjson.loads(x)["text"] for x in src.read_bytes().splitlines()]
+    dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
+    spec = BackendSpec(device="cpu", runtime="torch")  # the packaged all-MiniLM-L6-v2
+    r = asyncio.run(make_estimate(EmbedOptions(inputs=[str(src)], dirs=dirs), spec, calibrate=0))
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()  # the file pads to 128
+    counts = sorted(len(e.ids) for e in tok.encode_batch(texts))
+    t = r["tokens"]
+    assert t["max_input_length"] == 256 and t["max"] == counts[-1] > 256
+    assert t["p50"] == counts[len(counts) // 2] and t["truncated_share"] == round(1 / len(texts), 4)

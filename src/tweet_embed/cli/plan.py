@@ -41,6 +41,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help="send real batches of sampled texts for this long to measure docs/s (0: skip)",
     )
     g.add_argument("--sample-lines", type=int, default=10_000, help="at least this many lines sampled")
+    g.add_argument(
+        "--distinct",
+        choices=("auto", "exact", "sample"),
+        default="auto",
+        help="distinct texts: exact builds the whole input's dedupe map (which a later embed reuses), sample "
+        "estimates from the sample (an upper bound: far-apart repeats are missed); auto: exact up to 20M lines",
+    )
     p.set_defaults(plan_runner=run_plan)  # cmd_embed builds the options, then hands them to run_plan
 
 
@@ -56,7 +63,13 @@ def run_plan(args: argparse.Namespace, opts: Any, spec: Any) -> int:
 
     try:
         report = asyncio.run(
-            make_estimate(opts, spec, sample_lines=args.sample_lines, calibrate=max(0.0, args.calibrate))
+            make_estimate(
+                opts,
+                spec,
+                sample_lines=args.sample_lines,
+                calibrate=max(0.0, args.calibrate),
+                distinct=args.distinct,
+            )
         )
     except (PlanError, InputError) as exc:
         log.error("%s", exc)

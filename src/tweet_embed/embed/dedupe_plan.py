@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from tweet_embed.embed.chunks import Plan
+from tweet_embed import storage
+from tweet_embed.embed.chunks import Plan, WorkDirs
 from tweet_embed.embed.dedupe import (
     MAP_RECORD,
     SLOT_OK,
@@ -179,8 +180,22 @@ def _import_reused(
                 offset += n
 
 
-def load_dedupe(root: str, plan: Plan) -> tuple[DedupeFiles, dict[str, Any]] | None:
-    """The finished map of an earlier (killed) attempt of this run, or None."""
+def dedupe_root(dirs: WorkDirs) -> str:
+    """Where a run's dedupe map lives: under the progress dir, or the local tmp dir when that is an object
+    store (the map is a local file every worker reads). ``embed`` and ``plan`` share it."""
+    return os.path.join(dirs.tmp if storage.is_uri(dirs.progress) else dirs.progress, "dedupe")
+
+
+def _options_key(copts: ChunkOptions | None) -> dict[str, Any]:
+    """What decides each row's text (and so the map): fields, text mode, filters."""
+    c = copts or ChunkOptions()
+    return {"id_field": c.id_field, "text_field": c.text_field, **c.rules.describe()}
+
+
+def load_dedupe(
+    root: str, plan: Plan, copts: ChunkOptions | None = None
+) -> tuple[DedupeFiles, dict[str, Any]] | None:
+    """The finished map of an earlier (killed) attempt of this run, or of ``plan``, or None."""
     try:
         with open(os.path.join(root, "index.json"), "rb") as fh:
             index = orjson.loads(fh.read())
@@ -188,6 +203,11 @@ def load_dedupe(root: str, plan: Plan) -> tuple[DedupeFiles, dict[str, Any]] | N
         return None
     if index.get("format") != FORMAT or index.get("plan") != _plan_digest(plan):
         return None  # another plan (plan.json removed by hand, say): plan the map again
+    if "options" in index and index["options"] != _options_key(copts):
+        # made (by `plan`, or a run whose manifest will refuse this one) with other fields or filters: other
+        # texts, so another map; planned again (the same options always give the same map)
+        log.info("dedupe map made with other input options %s: planning it again", index["options"])
+        return None
     return _files(root, index), index
 
 
@@ -206,7 +226,7 @@ def plan_dedupe(
 
     ``reuse``: earlier runs' output; a text found there is not sent: its vector is copied into a slot here.
     """
-    found = load_dedupe(root, plan)
+    found = load_dedupe(root, plan, copts)
     if found is not None:
         if list(found[1].get("reuse") or []) != list(reuse):
             raise DedupeError(
@@ -261,7 +281,7 @@ def plan_dedupe(
     n_parts = max(1, -(-rows // BUCKET_ROWS))
     parts = _Spreader(work, "part", n_parts)
     imports = _Spreader(work, "import", max(1, len(sources)))
-    slots = distinct = reused_rows = 0
+    slots = distinct = reused_rows = reused_texts = 0
     for b in range(n_buckets):
         recs = buckets.read(b, HASH_REC)
         os.unlink(buckets.paths[b]) if os.path.exists(buckets.paths[b]) else None
@@ -286,6 +306,7 @@ def plan_dedupe(
         out = np.empty(int(mine.sum()), PART_REC)
         out["g"], out["canon"], out["slot"] = g[mine], canon[group][mine], group_slot[group][mine]
         reused_rows += int((old[group] & mine).sum())
+        reused_texts += int((old & needed).sum())
         parts.add(out, out["g"] // BUCKET_ROWS)
         take = np.flatnonzero(old & needed)
         if len(take):
@@ -331,8 +352,10 @@ def plan_dedupe(
         "distinct_texts": distinct,
         "slots": slots,
         "reuse": list(reuse),
+        "options": _options_key(copts),
         "reuse_meta": reuse_meta,
         "reused_rows": reused_rows,
+        "reused_texts": reused_texts,  # distinct texts of this run found in --reuse outputs (not sent)
         "reuse_files": len(sources),
         "seconds": round(time.monotonic() - t0, 3),
         "cpu_seconds": round(time.process_time() - cpu0, 3),

@@ -8,12 +8,15 @@ How each figure is made (so a reader can judge it):
 * The sample: up to 20 chunks evenly spaced over the whole plan (first, last and between), parsed exactly as
   ``embed`` parses them (formats, rules, filters); rates found there are applied to all lines.  At least
   ``sample_lines`` lines when the input has them.
-* ``distinct_texts``: the share of distinct texts *within the sample*, applied to all rows.  Repeats further
-  apart than the sampled chunks are not seen, so this is an upper bound on distinct texts (a lower bound on
-  the saving from embedding each distinct text once).
-* Token lengths: the server's own tokenizer (TEI ``POST /tokenize``) on up to 10,000 sampled texts;
-  ``truncated_share`` is the share above the server's ``max_input_length``.  Unknown (null) when the backend
-  has no TEI ``/tokenize`` (OpenAI-compatible servers, the in-process model).
+* ``distinct_texts``: exact (``distinct_method: exact``) from the whole input's dedupe map — the one ``embed``
+  builds, made here in the same place so ``embed`` loads it instead of scanning again — with ``--distinct
+  exact``, or ``auto`` (the default) up to 20M lines; else (``sample``, or larger inputs) the share of distinct
+  texts *within the sample*, applied to all rows: repeats further apart than the sampled chunks are not seen,
+  so that is an upper bound on distinct texts (a lower bound on the saving).
+* Token lengths: the model's own tokenizer on up to 10,000 sampled texts — TEI's ``POST /tokenize``, or the
+  in-process model's tokenizer (without truncation, the prompt included); ``truncated_share`` is the share
+  above the server's ``max_input_length`` (the model's maximum length).  Unknown (null) for backends with
+  neither (OpenAI-compatible servers).
 * ``--calibrate SECONDS``: real batches of sampled texts through the real backend with ``embed``'s batch size
   and concurrency, for that long; docs/s counted after the first fifth (warm-up), per endpoint and in total.
 * ``estimated_seconds``: texts still to send (valid rows of the chunks not done yet; distinct texts unless
@@ -107,7 +110,11 @@ async def _token_lengths(
     backend: Backend, texts: list[str], batch: int
 ) -> tuple[list[int], int | None] | None:
     """Token counts from TEI's ``/tokenize`` (special tokens included, as the length limit counts them) and
-    the server's ``max_input_length``; None when the backend has no such route."""
+    the server's ``max_input_length``, or the in-process model's own tokenizer and limit; None when the
+    backend has neither."""
+    local = getattr(backend, "token_lengths", None)
+    if local is not None and texts:
+        return await asyncio.to_thread(local, texts)
     endpoints = backend.endpoints()
     if not endpoints or not texts:
         return None
@@ -185,12 +192,34 @@ def _quantile(values: list[int], q: float) -> int | None:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+EXACT_DISTINCT_LINES = 20_000_000  # `--distinct auto`: the exact map up to here (~1-2 min at 3-5 µs a line)
+
+
+def _exact_distinct(opts: EmbedOptions, plan: Plan, total_lines: int, mode: str) -> dict[str, Any] | None:
+    """The dedupe map's index (valid rows, distinct texts, texts found in ``--reuse`` outputs) for
+    ``--distinct exact`` (or ``auto`` up to ``EXACT_DISTINCT_LINES``), None for the sample's estimate.
+
+    It is the map ``embed`` needs anyway, built in the same place, so a later ``embed`` with the same work dir
+    and input options loads it instead of scanning again.
+    """
+    if mode == "sample" or not opts.dedupe or (mode == "auto" and total_lines > EXACT_DISTINCT_LINES):
+        return None
+    if storage.is_uri(opts.dirs.progress) and opts.ray is not None:
+        return None  # such a run dedupes inside each chunk only (see runner._plan_dedupe)
+    from tweet_embed.embed.dedupe_plan import dedupe_root, plan_dedupe
+    from tweet_embed.embed.options import chunk_options
+
+    _, index = plan_dedupe(plan, dedupe_root(opts.dirs), chunk_options(opts), opts.reuse)
+    return index
+
+
 async def make_estimate(
     opts: EmbedOptions,
     make_backend: Callable[[], Backend] | BackendSpec,
     *,
     sample_lines: int = 10_000,
     calibrate: float = 20.0,
+    distinct: str = "auto",
 ) -> dict[str, Any]:
     """The plan report (a JSON-ready dict); see the module docstring for how each figure is made."""
     dirs = opts.dirs
@@ -218,7 +247,17 @@ async def make_estimate(
         "skipped": {k: round(v * scale) for k, v in sorted(s["skipped"].items())},
         "distinct_texts": round(valid_rows * distinct_share),
         "repeat_share": round(1 - distinct_share, 4),
+        "distinct_method": "sample",
     }
+    index = await asyncio.to_thread(_exact_distinct, opts, plan, total_lines, distinct)
+    if index is not None:
+        # the whole input's dedupe map, as `embed` builds it (and then reuses it: nothing is done twice)
+        valid_rows = int(index["rows"])
+        out["valid_rows"] = valid_rows
+        out["distinct_texts"] = int(index["distinct_texts"])
+        out["repeat_share"] = round(1 - out["distinct_texts"] / valid_rows, 4) if valid_rows else 0.0
+        out["distinct_method"] = "exact"
+        out["reused_texts"] = int(index.get("reused_texts", 0))
     factory = make_backend.build if isinstance(make_backend, BackendSpec) else make_backend
     backend = factory()
     try:
@@ -240,8 +279,10 @@ async def make_estimate(
                 "max_input_length": max_len,
                 "truncated_share": round(over / len(counts), 4) if counts and max_len else None,
             }
-        rows_left = lines_left * ratio
-        to_send = rows_left * (distinct_share if opts.dedupe else 1.0)
+        if index is not None:  # distinct texts not in --reuse outputs; a resumed run: in proportion
+            to_send = (out["distinct_texts"] - out["reused_texts"]) * (lines_left / max(1, total_lines))
+        else:
+            to_send = lines_left * ratio * (distinct_share if opts.dedupe else 1.0)
         if calibrate > 0 and s["texts"]:
             cal = await _calibrate(
                 backend, _spread(s["texts"], 50_000), info.max_batch, info.max_in_flight, calibrate
@@ -305,17 +346,17 @@ def format_table(r: dict[str, Any]) -> str:
             "sample",
             f"{r['sample']['lines']:,} lines from {r['sample']['chunks']} chunks spread over the input",
         ),
-        ("valid_rows", f"~{r['valid_rows']:,}"),
+        ("valid_rows", f"{'' if r.get('distinct_method') == 'exact' else '~'}{r['valid_rows']:,}"),
         ("rejects", ", ".join(f"{k}: ~{v:,}" for k, v in r["rejects"].items()) or "none in the sample"),
     ]
     if r.get("skipped"):
         rows.append(("skipped", ", ".join(f"{k}: ~{v:,}" for k, v in r["skipped"].items())))
-    rows.append(
-        (
-            "distinct_texts",
-            f"~{r['distinct_texts']:,} ({r['repeat_share'] * 100:.1f}% repeats within the sample)",
-        )
-    )
+    if r.get("distinct_method") == "exact":
+        reused = f"; {r['reused_texts']:,} of them in --reuse outputs" if r.get("reused_texts") else ""
+        distinct = f"{r['distinct_texts']:,} ({r['repeat_share'] * 100:.1f}% repeats, whole input{reused})"
+    else:
+        distinct = f"~{r['distinct_texts']:,} ({r['repeat_share'] * 100:.1f}% repeats within the sample)"
+    rows.append(("distinct_texts", distinct))
     rows.append(("model", f"{r.get('model')} ({r.get('dim')} dimensions)"))
     t = r.get("tokens")
     if t:
@@ -327,7 +368,7 @@ def format_table(r: dict[str, Any]) -> str:
             )
         )
     else:
-        rows.append(("tokens", "unknown (no TEI /tokenize on this backend)"))
+        rows.append(("tokens", "unknown (no TEI /tokenize, no local tokenizer on this backend)"))
     cal = r.get("calibration")
     if cal:
         per = ", ".join(f"{h}: {v:,.0f}" for h, v in cal["per_endpoint"].items())

@@ -212,7 +212,7 @@ def texts_report(markers: Iterable[Marker], summary: Summary, chunks: int) -> di
 
 def _plan_dedupe(opts: EmbedOptions, plan: Plan, summary: Summary) -> None:
     """The run's dedupe map (planned once; a resume loads it), set on ``opts`` for the engines."""
-    from tweet_embed.embed.dedupe_plan import plan_dedupe
+    from tweet_embed.embed.dedupe_plan import dedupe_root, plan_dedupe
 
     dirs = opts.dirs
     if storage.is_uri(dirs.progress) and opts.ray is not None:
@@ -223,8 +223,7 @@ def _plan_dedupe(opts: EmbedOptions, plan: Plan, summary: Summary) -> None:
         return
     check_manifest_option(dirs, "dedupe", True)
     check_manifest_option(dirs, "reuse", list(opts.reuse))
-    root = os.path.join(dirs.tmp if storage.is_uri(dirs.progress) else dirs.progress, "dedupe")
-    files, index = plan_dedupe(plan, root, chunk_options(opts), opts.reuse)
+    files, index = plan_dedupe(plan, dedupe_root(dirs), chunk_options(opts), opts.reuse)
     opts.dedupe_files = files
     summary.distinct_texts = int(index["distinct_texts"])
     summary.planned_rows = int(index["rows"])

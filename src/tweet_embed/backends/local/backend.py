@@ -695,6 +695,25 @@ class LocalBackend(Backend):
         if torch is not None and self._cuda:
             torch.cuda.empty_cache()
 
+    def token_lengths(self, texts: Sequence[str]) -> tuple[list[int], int] | None:
+        """Each text's token count as the model would see it before truncation (special tokens and the prompt
+        included), and the length the model truncates at: for ``plan``'s token figures. None before start."""
+        if self._tok_path:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(self._tok_path)  # a copy without truncation: the true lengths
+            tok.no_padding()
+            tok.no_truncation()
+            encs = tok.encode_batch([self._prompt + t for t in texts] if self._prompt else list(texts))
+            return [len(e.ids) for e in encs], self._max_len
+        st = self._st
+        if st is None:
+            return None
+        hf = st.tokenizer  # the sentence-transformers fallback: its own tokenizer and limit
+        prompted = [self._prompt + t for t in texts] if self._prompt else list(texts)
+        counts = [len(ids) for ids in hf(prompted, truncation=False)["input_ids"]]
+        return counts, int(st.max_seq_length)
+
     def stats(self) -> dict[str, int]:
         with self._stats_lock:
             out = dict(self._stats)
