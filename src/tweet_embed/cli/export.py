@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("tweet_embed")
 
@@ -190,13 +192,25 @@ def _commit_kw(args: argparse.Namespace) -> dict:
     return {"commit_rows": args.commit_rows} if args.commit_rows else {}
 
 
-def cmd_export_mongo(args: argparse.Namespace) -> int:
+def _run_export(export: Callable[[], Any]) -> int:
+    """Run one export and print its summary; an ExportError is logged (exit 2 for a missing extra, else 1)."""
     from tweet_embed.export import ExportError
-    from tweet_embed.export.mongo import export_mongo, parse_query
 
     try:
+        result = export()
+    except ExportError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE if "pip install" in str(exc) else EXIT_ERROR
+    print(_summary(result))
+    return EXIT_OK
+
+
+def cmd_export_mongo(args: argparse.Namespace) -> int:
+    from tweet_embed.export.mongo import export_mongo, parse_query
+
+    def export() -> Any:
         uri = args.uri or os.environ.get("MONGODB_URI") or "mongodb://localhost:27017"
-        result = export_mongo(
+        return export_mongo(
             uri,
             args.db,
             args.collection,
@@ -210,22 +224,18 @@ def cmd_export_mongo(args: argparse.Namespace) -> int:
             max_retries=args.max_retries,
             **_commit_kw(args),
         )
-    except ExportError as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE if "pip install" in str(exc) else EXIT_ERROR
-    print(_summary(result))
-    return EXIT_OK
+
+    return _run_export(export)
 
 
 def cmd_export_bigquery(args: argparse.Namespace) -> int:
-    from tweet_embed.export import ExportError
     from tweet_embed.export.bigquery import export_bigquery, make_clients
 
-    try:
+    def export() -> Any:
         bq = read = None
         if args.api_endpoint or args.read_endpoint:
             bq, read = make_clients(args.project, args.api_endpoint, args.read_endpoint)
-        result = export_bigquery(
+        return export_bigquery(
             args.out,
             table=args.table,
             query=args.query,
@@ -241,11 +251,8 @@ def cmd_export_bigquery(args: argparse.Namespace) -> int:
             read_client=read,
             **_commit_kw(args),
         )
-    except ExportError as exc:
-        log.error("%s", exc)
-        return EXIT_USAGE if "pip install" in str(exc) else EXIT_ERROR
-    print(_summary(result))
-    return EXIT_OK
+
+    return _run_export(export)
 
 
 def cmd_load_bigquery(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,14 @@ from .protocol import (
     DEFAULT_PAYLOAD_LIMIT,
     TEI_VERSION,
     Counters,
+    EmbedRequest,
     Received,
     Reject,
-    deserialize_error,
+    ServerURLs,
     json_response,
-    parse_inputs,
-    read_json,
+    parse_embed_request,
+    parse_tokenize_request,
+    read_struct,
     render,
     tei_error,
     text_response,
@@ -59,20 +61,7 @@ _EXTRA_COUNTERS = (
 )
 
 
-@dataclass
-class _EmbedRequest:
-    texts: list[str]
-    is_text: list[bool]
-    was_batch: bool
-    normalize: bool
-    truncate: bool
-    encoding: str
-    prompt_name: str | None
-    dimensions: int | None
-    model: str | None
-
-
-class TEIServer:
+class TEIServer(ServerURLs):
     """TEI 1.9.3-compatible embedding server on 127.0.0.1, run in a background thread with its own loop.
 
     Construction only records settings; ``start()`` / ``with`` binds the port.  Every fault field of
@@ -180,18 +169,6 @@ class TEIServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def embed_url(self) -> str:
-        return self.url + "/embed"
-
-    @property
-    def openai_url(self) -> str:
-        return self.url + "/v1/embeddings"
-
-    @property
-    def tokenize_url(self) -> str:
-        return self.url + "/tokenize"
 
     @property
     def faults(self) -> Faults:
@@ -477,12 +454,21 @@ class TEIServer:
         with self._lock:
             self._failures[err] += 1
 
-    def _authorized(self, request: web.Request) -> bool:
-        if self.api_key is None:
-            return True
-        return request.headers.get("Authorization") == f"Bearer {self.api_key}"
+    def _rejected(self, r: Reject, record: dict[str, Any] | None) -> web.StreamResponse:
+        """Count an early answer and note it on the request's record (if kept); returns the answer."""
+        self._count(r.outcome)
+        if record is not None:
+            record["status"] = r.response.status
+        return r.response
 
-    def _receive(self, route: str, req: _EmbedRequest) -> dict[str, Any] | None:
+    def _denied(self, request: web.Request) -> web.Response | None:
+        """The counted 401 for a request without the API key (when one is set), else None."""
+        if self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}":
+            return None
+        self._count("401")
+        return web.Response(status=401)
+
+    def _receive(self, route: str, req: EmbedRequest) -> dict[str, Any] | None:
         """Count a well-formed request's texts and (when recording) keep it; returns its record."""
         record = None
         with self._lock:
@@ -526,47 +512,13 @@ class TEIServer:
             return self.prompts[name]
         raise tei_error(self._validation_status, msg, "Validation", openai)
 
-    def _parse_request(self, req: dict[str, Any], openai: bool) -> _EmbedRequest:
-        dimensions = None if self.ignore_dimensions else req.get("dimensions")
-        if dimensions is not None and (
-            not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 0
-        ):
-            raise deserialize_error(f"dimensions: invalid value: `{dimensions}`, expected usize")
-        if openai:
-            if "input" not in req:
-                raise deserialize_error("missing field `input`")
-            texts, was_batch, is_text = parse_inputs(req["input"], "input")
-            encoding = req.get("encoding_format", "float")
-            if encoding is None:
-                encoding = "float"
-            allowed = ("float", "base64") if self.supports_base64 else ("float",)
-            if encoding not in allowed:
-                variants = " or ".join(f"`{a}`" for a in allowed)
-                raise deserialize_error(f"encoding_format: unknown variant `{encoding}`, expected {variants}")
-            model = req.get("model")
-            if model is not None and not isinstance(model, str):
-                raise deserialize_error("model: invalid type: expected a string")
-            # TEI's OpenAI route has no prompt_name field (serde ignores it) and always normalises.
-            prompt_name = req.get("prompt_name") if isinstance(req.get("prompt_name"), str) else None
-            return _EmbedRequest(
-                texts, is_text, was_batch, True, self.auto_truncate, encoding, prompt_name, dimensions, model
-            )
-        if "inputs" not in req:
-            raise deserialize_error("missing field `inputs`")
-        texts, was_batch, is_text = parse_inputs(req["inputs"], "inputs")
-        normalize = req.get("normalize", True)
-        if not isinstance(normalize, bool):
-            raise deserialize_error("normalize: invalid type: expected a boolean")
-        truncate = req.get("truncate")
-        if truncate is None:
-            truncate = self.auto_truncate
-        elif not isinstance(truncate, bool):
-            raise deserialize_error("truncate: invalid type: expected a boolean")
-        prompt_name = req.get("prompt_name")
-        if prompt_name is not None and not isinstance(prompt_name, str):
-            raise deserialize_error("prompt_name: invalid type: expected a string")
-        return _EmbedRequest(
-            texts, is_text, was_batch, normalize, truncate, "float", prompt_name, dimensions, None
+    def _parse_request(self, req: dict[str, Any], openai: bool) -> EmbedRequest:
+        return parse_embed_request(
+            req,
+            openai,
+            auto_truncate=self.auto_truncate,
+            supports_base64=self.supports_base64,
+            ignore_dimensions=self.ignore_dimensions,
         )
 
     def _check_batch(self, n: int, was_batch: bool, openai: bool) -> None:
@@ -581,7 +533,7 @@ class TEIServer:
                 openai,
             )
 
-    def _validate(self, req: _EmbedRequest, openai: bool) -> list[str]:
+    def _validate(self, req: EmbedRequest, openai: bool) -> list[str]:
         """TEI's own checks, in its order; returns the texts the model sees (prompt prepended)."""
         self._check_batch(len(req.texts), req.was_batch, openai)
         if req.dimensions is not None:
@@ -680,9 +632,8 @@ class TEIServer:
     async def _info(self, request: web.Request) -> web.StreamResponse:
         if self._dead:
             return await self._drop(request)
-        if not self._authorized(request):
-            self._count("401")
-            return web.Response(status=401)
+        if (denied := self._denied(request)) is not None:
+            return denied
         return json_response(200, self.info())
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
@@ -708,32 +659,17 @@ class TEIServer:
     async def _tokenize(self, request: web.Request) -> web.StreamResponse:
         if self._dead:
             return await self._drop(request)
-        if not self._authorized(request):
-            self._count("401")
-            return web.Response(status=401)
+        if (denied := self._denied(request)) is not None:
+            return denied
         record: dict[str, Any] | None = None
         try:
-            body = await read_json(request, self.payload_limit)
-            if not isinstance(body, dict):
-                raise deserialize_error("invalid type: expected struct")
-            if "inputs" not in body:
-                raise deserialize_error("missing field `inputs`")
-            texts, was_batch, _ = parse_inputs(body["inputs"], "inputs", allow_ids=False)
-            special = body.get("add_special_tokens", True)
-            if not isinstance(special, bool):
-                raise deserialize_error("add_special_tokens: invalid type: expected a boolean")
-            name = body.get("prompt_name")
-            if name is not None and not isinstance(name, str):
-                raise deserialize_error("prompt_name: invalid type: expected a string")
-            req = _EmbedRequest(texts, [True] * len(texts), was_batch, False, False, "", name, None, None)
+            req, special = parse_tokenize_request(await read_struct(request, self.payload_limit))
+            texts = req.texts
             record = self._receive("tokenize", req)
-            self._check_batch(len(texts), was_batch, False)
-            prompt = self._prompt(name, False) or ""
+            self._check_batch(len(texts), req.was_batch, False)
+            prompt = self._prompt(req.prompt_name, False) or ""
         except Reject as r:
-            self._count(r.outcome)
-            if record is not None:
-                record["status"] = r.response.status
-            return r.response
+            return self._rejected(r, record)
         with self._lock:
             self._counts["tokenize_requests"] += 1
             self._counts["texts_tokenized"] += len(texts)
@@ -746,30 +682,23 @@ class TEIServer:
         if self._dead:
             return await self._drop(request)
         self._count("requests")
-        if not self._authorized(request):
-            self._count("401")
-            return web.Response(status=401)
+        if (denied := self._denied(request)) is not None:
+            return denied
         record: dict[str, Any] | None = None
         try:
-            body = await read_json(request, self.payload_limit)
-            if not isinstance(body, dict):
-                raise deserialize_error("invalid type: expected struct")
-            req = self._parse_request(body, openai)
+            req = self._parse_request(await read_struct(request, self.payload_limit), openai)
             self._count("batch_requests" if req.was_batch else "single_requests")
             record = self._receive("openai" if openai else "embed", req)
             seen = self._validate(req, openai)
         except Reject as r:
-            self._count(r.outcome)
-            if record is not None:
-                record["status"] = r.response.status
-            return r.response
+            return self._rejected(r, record)
         response = await self._work(request, req, seen, openai)
         if record is not None:
             record["status"] = response.status
         return response
 
     async def _work(
-        self, request: web.Request, req: _EmbedRequest, seen: list[str], openai: bool
+        self, request: web.Request, req: EmbedRequest, seen: list[str], openai: bool
     ) -> web.StreamResponse:
         n = len(seen)
         outcome = self._next_outcome()

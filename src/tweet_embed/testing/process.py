@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .protocol import CONTROL_PREFIX, Counters, Received
+from .protocol import CONTROL_PREFIX, Counters, Received, ServerURLs
 
 __all__ = ["ServerProcess"]
 
 
-class ServerProcess:
+class ServerProcess(ServerURLs):
     """A TEIServer in a child Python process (``python -m tweet_embed.testing.server --config-json ...``).
 
     ``set_faults`` / ``queue_faults`` / ``counters`` / ``received`` / ``reset_counters`` go through the
@@ -34,18 +34,6 @@ class ServerProcess:
         self.cpus = list(cpus) if cpus is not None else None
         self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def embed_url(self) -> str:
-        return self.url + "/embed"
-
-    @property
-    def openai_url(self) -> str:
-        return self.url + "/v1/embeddings"
-
-    @property
-    def tokenize_url(self) -> str:
-        return self.url + "/tokenize"
 
     @property
     def pid(self) -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -19,13 +19,18 @@ __all__ = [
     "DEFAULT_PAYLOAD_LIMIT",
     "TEI_VERSION",
     "Counters",
+    "EmbedRequest",
     "Received",
     "Reject",
+    "ServerURLs",
     "deserialize_error",
     "ids_text",
     "json_response",
+    "parse_embed_request",
     "parse_inputs",
+    "parse_tokenize_request",
     "read_json",
+    "read_struct",
     "render",
     "tei_error",
     "text_response",
@@ -35,6 +40,28 @@ __all__ = [
 TEI_VERSION = "1.9.3"
 DEFAULT_PAYLOAD_LIMIT = 2_000_000  # TEI's --payload-limit default (bytes)
 CONTROL_PREFIX = "/__testserver__"  # the test-only control routes live under this prefix
+
+
+class _HasURL(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+class ServerURLs:
+    """The routes a client calls, under ``self.url`` (``http://host:port``): shared by the in-thread server
+    (``url`` a property) and the child-process one (``url`` known once the child listens)."""
+
+    @property
+    def embed_url(self: _HasURL) -> str:
+        return self.url + "/embed"
+
+    @property
+    def openai_url(self: _HasURL) -> str:
+        return self.url + "/v1/embeddings"
+
+    @property
+    def tokenize_url(self: _HasURL) -> str:
+        return self.url + "/tokenize"
 
 
 class Counters(dict[str, int]):
@@ -120,6 +147,14 @@ async def read_json(request: web.Request, payload_limit: int) -> Any:
         raise Reject(text_response(400, f"Failed to parse the request body as JSON: {e}"), "400") from None
 
 
+async def read_struct(request: web.Request, payload_limit: int) -> dict[str, Any]:
+    """:func:`read_json` of a body that must be a JSON object (every API route's request is a struct)."""
+    body = await read_json(request, payload_limit)
+    if not isinstance(body, dict):
+        raise deserialize_error("invalid type: expected struct")
+    return body
+
+
 async def _drain(request: web.Request) -> None:
     """Read and discard an oversized body so the client can finish sending and read the 413."""
     while True:
@@ -162,6 +197,87 @@ def parse_inputs(value: Any, field: str, allow_ids: bool = True) -> tuple[list[s
     if value is None:
         raise deserialize_error(f"missing field `{field}`")
     raise deserialize_error(f"{field}: data did not match any variant of untagged enum Input")
+
+
+@dataclass
+class EmbedRequest:
+    """A parsed ``/embed``, ``/v1/embeddings`` or ``/tokenize`` request."""
+
+    texts: list[str]
+    is_text: list[bool]
+    was_batch: bool
+    normalize: bool
+    truncate: bool
+    encoding: str
+    prompt_name: str | None
+    dimensions: int | None
+    model: str | None
+
+
+def _prompt_name(req: dict[str, Any]) -> str | None:
+    name = req.get("prompt_name")
+    if name is not None and not isinstance(name, str):
+        raise deserialize_error("prompt_name: invalid type: expected a string")
+    return name
+
+
+def parse_embed_request(
+    req: dict[str, Any], openai: bool, *, auto_truncate: bool, supports_base64: bool, ignore_dimensions: bool
+) -> EmbedRequest:
+    """An ``/embed`` (``openai`` false) or ``/v1/embeddings`` body as TEI's serde reads it, under the server's
+    settings: ``auto_truncate`` (the default of ``truncate``), ``supports_base64`` (``encoding_format``
+    variants), ``ignore_dimensions`` (a server without Matryoshka support drops the field)."""
+    dimensions = None if ignore_dimensions else req.get("dimensions")
+    if dimensions is not None and (
+        not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 0
+    ):
+        raise deserialize_error(f"dimensions: invalid value: `{dimensions}`, expected usize")
+    if openai:
+        if "input" not in req:
+            raise deserialize_error("missing field `input`")
+        texts, was_batch, is_text = parse_inputs(req["input"], "input")
+        encoding = req.get("encoding_format", "float")
+        if encoding is None:
+            encoding = "float"
+        allowed = ("float", "base64") if supports_base64 else ("float",)
+        if encoding not in allowed:
+            variants = " or ".join(f"`{a}`" for a in allowed)
+            raise deserialize_error(f"encoding_format: unknown variant `{encoding}`, expected {variants}")
+        model = req.get("model")
+        if model is not None and not isinstance(model, str):
+            raise deserialize_error("model: invalid type: expected a string")
+        # TEI's OpenAI route has no prompt_name field (serde ignores it) and always normalises.
+        prompt_name = req.get("prompt_name") if isinstance(req.get("prompt_name"), str) else None
+        return EmbedRequest(
+            texts, is_text, was_batch, True, auto_truncate, encoding, prompt_name, dimensions, model
+        )
+    if "inputs" not in req:
+        raise deserialize_error("missing field `inputs`")
+    texts, was_batch, is_text = parse_inputs(req["inputs"], "inputs")
+    normalize = req.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise deserialize_error("normalize: invalid type: expected a boolean")
+    truncate = req.get("truncate")
+    if truncate is None:
+        truncate = auto_truncate
+    elif not isinstance(truncate, bool):
+        raise deserialize_error("truncate: invalid type: expected a boolean")
+    prompt_name = _prompt_name(req)
+    return EmbedRequest(
+        texts, is_text, was_batch, normalize, truncate, "float", prompt_name, dimensions, None
+    )
+
+
+def parse_tokenize_request(req: dict[str, Any]) -> tuple[EmbedRequest, bool]:
+    """A ``/tokenize`` body (text inputs only): the request and its ``add_special_tokens``."""
+    if "inputs" not in req:
+        raise deserialize_error("missing field `inputs`")
+    texts, was_batch, _ = parse_inputs(req["inputs"], "inputs", allow_ids=False)
+    special = req.get("add_special_tokens", True)
+    if not isinstance(special, bool):
+        raise deserialize_error("add_special_tokens: invalid type: expected a boolean")
+    name = _prompt_name(req)
+    return EmbedRequest(texts, [True] * len(texts), was_batch, False, False, "", name, None, None), special
 
 
 def render(vecs: np.ndarray, encoding: str, openai: bool, tokens: int, model: str) -> bytes:
