@@ -51,10 +51,9 @@ RESULTS = os.path.join(HERE, "results")
 
 import pyarrow.parquet as pq  # noqa: E402
 
+from ray_vs_local import embed_once  # noqa: E402  (bench/ is sys.path[0] when a script here runs)
 from tweet_embed.backends import BackendSpec  # noqa: E402
-from tweet_embed.embed.chunks import WorkDirs  # noqa: E402
 from tweet_embed.embed.engines.ray import RayOptions  # noqa: E402
-from tweet_embed.embed.runner import EmbedOptions, run_embed  # noqa: E402
 from tweet_embed.testing.server import ServerProcess, TEIServer  # noqa: E402
 from tweet_embed.testing.synth import write_jsonl  # noqa: E402
 
@@ -62,17 +61,7 @@ from tweet_embed.testing.synth import write_jsonl  # noqa: E402
 def one_run(
     path: str, work: str, spec: BackendSpec, chunk: int, ray_opts: RayOptions | None
 ) -> dict[str, Any]:
-    shutil.rmtree(work, ignore_errors=True)
-    opts = EmbedOptions(
-        inputs=[path],
-        dirs=WorkDirs.from_options(work, None, None, None),
-        chunk_lines=chunk,
-        log_interval=3600,
-        ray=ray_opts,
-    )
-    t0 = time.perf_counter()
-    s = run_embed(opts, spec)
-    wall = time.perf_counter() - t0
+    s, wall = embed_once(path, work, spec, chunk, ray_opts)
     ids: list[str] = []
     for name in sorted(os.listdir(os.path.join(work, "shards"))):
         ids += pq.read_table(os.path.join(work, "shards", name), columns=["id"]).column("id").to_pylist()

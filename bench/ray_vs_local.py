@@ -49,19 +49,21 @@ RESULTS = os.path.join(HERE, "results")
 from tweet_embed.backends import BackendSpec  # noqa: E402
 from tweet_embed.embed.chunks import WorkDirs  # noqa: E402
 from tweet_embed.embed.engines.ray import RayOptions  # noqa: E402
-from tweet_embed.embed.runner import EmbedOptions, run_embed  # noqa: E402
+from tweet_embed.embed.runner import EmbedOptions, Summary, run_embed  # noqa: E402
 from tweet_embed.testing.server import TEIServer  # noqa: E402
 from tweet_embed.testing.synth import write_jsonl  # noqa: E402
 
 
-def one_run(
+def embed_once(
     path: str,
     work: str,
     spec: BackendSpec,
     chunk: int,
     ray_opts: RayOptions | None,
     chunks_in_flight: int = 3,
-) -> dict[str, Any]:
+) -> tuple[Summary, float]:
+    """``run_embed`` of ``path`` into a fresh ``work`` (``ray_opts`` None: the local engine): its summary and
+    wall seconds.  Also bench/ray_nodes.py's run."""
     shutil.rmtree(work, ignore_errors=True)
     opts = EmbedOptions(
         inputs=[path],
@@ -73,7 +75,18 @@ def one_run(
     )
     t0 = time.perf_counter()
     s = run_embed(opts, spec)
-    wall = time.perf_counter() - t0
+    return s, time.perf_counter() - t0
+
+
+def one_run(
+    path: str,
+    work: str,
+    spec: BackendSpec,
+    chunk: int,
+    ray_opts: RayOptions | None,
+    chunks_in_flight: int = 3,
+) -> dict[str, Any]:
+    s, wall = embed_once(path, work, spec, chunk, ray_opts, chunks_in_flight)
     return {
         "chunk_lines": chunk,
         "chunks": s.chunks_done_now,
