@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import logging
 import os
 import subprocess
@@ -10,8 +11,10 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from tweet_embed.backends.base import Backend, BackendInfo
@@ -60,6 +63,19 @@ def read_shards(shards: str | Sequence[str], dim: int) -> tuple[list[str], np.nd
         width = t.schema.field("embedding").type.list_size  # fixed_size_list: right for an empty shard too
         vecs.append(np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, width))
     return ids, (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), names
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSONL file: plain, .gz or .zst (every member / frame), e.g. what an export wrote."""
+    if path.endswith(".zst"):
+        import zstandard
+
+        with open(path, "rb") as fh:
+            data = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
+    else:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as fh:
+            data = fh.read()
+    return [orjson.loads(line) for line in data.splitlines()]
 
 
 def text_vector(text: str, dim: int) -> np.ndarray:

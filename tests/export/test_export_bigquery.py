@@ -32,14 +32,11 @@ except ExportError:
 
 from bq_emulator import SKIP_REASON, emulator_executable, run_emulator  # noqa: E402
 
+from conftest import read_jsonl  # noqa: E402
+
 needs_bq = pytest.mark.skipif(
     not HAVE_BQ, reason="google-cloud-bigquery(-storage) not installed (pip install 'tweet-embed[bigquery]')"
 )
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path, "rb") as fh:
-        return [orjson.loads(x) for x in fh.read().splitlines()]
 
 
 # --- pure parts ------------------------------------------------------------------------------------------
@@ -238,10 +235,7 @@ def test_fake_resume_reopens_each_stream_at_its_offset(tmp_path):
             assert reopened[name] == offsets[i]
         else:
             assert name not in reopened
-    import gzip
-
-    with gzip.open(out, "rb") as fh:
-        got = [orjson.loads(x)["_id"] for x in fh.read().splitlines()]
+    got = [r["_id"] for r in read_jsonl(out)]
     assert sorted(got) == expected_ids(streams) and len(got) == len(set(got))
     assert result.resumed and result.skipped_total == 600 - len(got)
 
@@ -272,11 +266,7 @@ def test_fake_ctrl_c_commits_what_was_written_and_stops_the_readers(tmp_path, mo
     assert sum(state["cursor"]["offsets"]) == 5 * 40  # the five batches written before Ctrl-C
     monkeypatch.setattr(B, "batch_to_lines", real)
     B.export_bigquery(out, table="p.d.t", bq_client=FakeBQ(), read_client=reader, show_progress=False)
-    import zstandard
-
-    with open(out, "rb") as fh:
-        data = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
-    got = [orjson.loads(x)["_id"] for x in data.splitlines()]
+    got = [r["_id"] for r in read_jsonl(out)]
     assert sorted(got) == expected_ids(streams) and len(got) == len(set(got))
 
 
@@ -420,12 +410,9 @@ def test_emulator_export_table_with_several_streams(emulator, tmp_path):
     bq, read = emulator.clients()
     out = str(tmp_path / "t.jsonl.zst")
     result = export_bigquery(out, table=table, bq_client=bq, read_client=read, streams=4, show_progress=False)
-    import zstandard
-
-    with open(out, "rb") as fh:
-        lines = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read().splitlines()
-    got = {orjson.loads(x)["_id"]: orjson.loads(x)["text"] for x in lines}
-    assert len(got) == len(lines)
+    records = read_jsonl(out)
+    got = {r["_id"]: r["text"] for r in records}
+    assert len(got) == len(records)
     assert got == {str(i): t for i, t in rows if t}
     assert result.extra["streams"] > 1
     assert result.skipped == {SKIP_TEXT_MISSING: sum(1 for _, t in rows if t is None)}
@@ -483,45 +470,12 @@ def test_emulator_cli_export(emulator, tmp_path, capsys):
     table = f"{emulator.project}.ds.cli"
     rows = seed_table(emulator, table, 300)
     out = str(tmp_path / "cli.jsonl")
-    code = cli.main(
-        [
-            "export",
-            "bigquery",
-            "--table",
-            table,
-            "--out",
-            out,
-            "--project",
-            emulator.project,
-            "--api-endpoint",
-            emulator.rest,
-            "--read-endpoint",
-            emulator.grpc,
-        ]
-    )
-    assert code == 0
+    argv = ["export", "bigquery", "--table", table, "--out", out, "--project", emulator.project]
+    argv += ["--api-endpoint", emulator.rest, "--read-endpoint", emulator.grpc]
+    assert cli.main(argv) == 0
     assert sorted(int(r["_id"]) for r in read_jsonl(out)) == [i for i, t in rows if t]
     assert f"wrote {sum(1 for _, t in rows if t)} rows" in capsys.readouterr().out
-    # a second run refuses to overwrite
-    assert (
-        cli.main(
-            [
-                "export",
-                "bigquery",
-                "--table",
-                table,
-                "--out",
-                out,
-                "--project",
-                emulator.project,
-                "--api-endpoint",
-                emulator.rest,
-                "--read-endpoint",
-                emulator.grpc,
-            ]
-        )
-        == 1
-    )
+    assert cli.main(argv) == 1  # a second run refuses to overwrite
 
 
 def test_cli_missing_library_exit_code(monkeypatch, tmp_path):

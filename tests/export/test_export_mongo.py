@@ -9,7 +9,6 @@ type bracketing): that is :func:`test_real_server_export_and_resume`, which runs
 
 from __future__ import annotations
 
-import gzip
 import os
 import sys
 import uuid
@@ -28,7 +27,22 @@ from tweet_embed.export import ExportError  # noqa: E402
 from tweet_embed.export import mongo as M  # noqa: E402
 from tweet_embed.export.jsonl_writer import partial_path, state_path  # noqa: E402
 
+from conftest import read_jsonl  # noqa: E402
+
 OIDS = [ObjectId(f"65a0000000000000000000{i:02x}") for i in range(1, 11)]
+# BSON's comparison order: the types that sort after every number (what a resume after a number _id reads)
+AFTER_A_NUMBER = [
+    "symbol",
+    "string",
+    "object",
+    "binData",
+    "objectId",
+    "bool",
+    "date",
+    "timestamp",
+    "regex",
+    "maxKey",
+]
 
 
 @pytest.fixture
@@ -43,12 +57,6 @@ def server():
 
 def client_for(server: MockupDB):  # type: ignore[no-untyped-def]
     return lambda: pymongo.MongoClient(server.uri, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000)
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        return [orjson.loads(line) for line in fh.read().splitlines()]
 
 
 def reply_count(server: MockupDB, n: int) -> None:
@@ -74,6 +82,19 @@ def run_export(server: MockupDB, out: str, **kw: Any):  # type: ignore[no-untype
     kw.setdefault("show_progress", False)
     kw.setdefault("retry_wait", 0.0)
     return go(M.export_mongo, server.uri, "db", "tweets", out, client_factory=client_for(server), **kw)
+
+
+def export_then_hang_up(
+    server: MockupDB, out: str, count: int, docs: list[dict[str, Any]], match: str | None = None, **kw: Any
+) -> None:
+    """An export whose connection drops after its first batch (``docs``), run with ``max_retries=0``: it
+    fails with an ExportError (matching ``match``), leaving what it committed for the next run."""
+    future = run_export(server, out, max_retries=0, **kw)
+    reply_count(server, count)
+    receive_find(server).reply(first_batch(docs, 9))
+    server.receives(OpMsg("getMore", 9)).hangup()
+    with pytest.raises(ExportError, match=match):
+        future()
 
 
 def test_find_projection_sort_batch_size_and_getmore(server, tmp_path):
@@ -130,11 +151,7 @@ def test_custom_text_field_and_query_are_sent(server, tmp_path):
     assert dict(find.doc["projection"]) == {"_id": 1, "full_text": 1}
     find.reply(first_batch([{"_id": OIDS[0], "full_text": "x"}, {"_id": OIDS[1], "text": "wrong field"}], 0))
     result = future()
-    import zstandard
-
-    with open(out, "rb") as fh:
-        data = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True).read()
-    assert [orjson.loads(x) for x in data.splitlines()] == [{"_id": str(OIDS[0]), "text": "x"}]
+    assert read_jsonl(out) == [{"_id": str(OIDS[0]), "text": "x"}]
     assert result.skipped == {M.SKIP_TEXT_MISSING: 1}
 
 
@@ -195,12 +212,10 @@ def test_dropped_connection_mid_export_resumes_after_last_id(server, tmp_path):
 def test_interrupted_export_resumes_in_a_new_run_with_the_query(server, tmp_path):
     out = str(tmp_path / "tweets.jsonl")
     query = M.parse_query('{"lang": "en"}')
-    future = run_export(server, out, query=query, batch_size=2, max_retries=0)
-    reply_count(server, 5)
-    receive_find(server).reply(first_batch([{"_id": 1, "text": "a"}, {"_id": 2, "text": "b"}], 9))
-    server.receives(OpMsg("getMore", 9)).hangup()
-    with pytest.raises(ExportError, match="re-run the same command to resume"):
-        future()
+    docs = [{"_id": 1, "text": "a"}, {"_id": 2, "text": "b"}]
+    export_then_hang_up(
+        server, out, 5, docs, match="re-run the same command to resume", query=query, batch_size=2
+    )
     assert not os.path.exists(out)
     assert read_jsonl(partial_path(out)) == [{"_id": "1", "text": "a"}, {"_id": "2", "text": "b"}]
     state = orjson.loads(open(state_path(out), "rb").read())
@@ -215,22 +230,7 @@ def test_interrupted_export_resumes_in_a_new_run_with_the_query(server, tmp_path
             {
                 "$or": [
                     {"_id": {"$gt": 2}},
-                    {
-                        "_id": {
-                            "$type": [
-                                "symbol",
-                                "string",
-                                "object",
-                                "binData",
-                                "objectId",
-                                "bool",
-                                "date",
-                                "timestamp",
-                                "regex",
-                                "maxKey",
-                            ]
-                        }
-                    },
+                    {"_id": {"$type": AFTER_A_NUMBER}},
                 ]
             },
         ]
@@ -249,12 +249,9 @@ def test_interrupted_export_resumes_in_a_new_run_with_the_query(server, tmp_path
 def test_commit_then_crash_never_leaves_a_partial_line(server, tmp_path):
     """Rows written after the last commit are cut off on resume; the source restarts at the commit."""
     out = str(tmp_path / "tweets.jsonl")
-    future = run_export(server, out, batch_size=2, max_retries=0, commit_rows=2)
-    reply_count(server, 3)
-    receive_find(server).reply(first_batch([{"_id": 1, "text": "a"}, {"_id": 2, "text": "b"}], 9))
-    server.receives(OpMsg("getMore", 9)).hangup()
-    with pytest.raises(ExportError):
-        future()
+    export_then_hang_up(
+        server, out, 3, [{"_id": 1, "text": "a"}, {"_id": 2, "text": "b"}], batch_size=2, commit_rows=2
+    )
     with open(partial_path(out), "ab") as fh:  # what a crash half-way through a line leaves behind
         fh.write(b'{"_id":"3","te')
     future = run_export(server, out, batch_size=2)
@@ -277,12 +274,7 @@ def test_non_retryable_error_is_reported(server, tmp_path):
 
 def test_resume_with_other_options_is_refused(server, tmp_path):
     out = str(tmp_path / "tweets.jsonl")
-    future = run_export(server, out, max_retries=0)
-    reply_count(server, 3)
-    receive_find(server).reply(first_batch([{"_id": 1, "text": "a"}], 9))
-    server.receives(OpMsg("getMore", 9)).hangup()
-    with pytest.raises(ExportError):
-        future()
+    export_then_hang_up(server, out, 3, [{"_id": 1, "text": "a"}])
     with pytest.raises(ExportError, match="other options"):
         M.export_mongo(
             server.uri,
@@ -306,42 +298,9 @@ def test_existing_output_is_not_overwritten(tmp_path):
 @pytest.mark.parametrize(
     ("last", "expected_later"),
     [
-        (
-            5,
-            [
-                "symbol",
-                "string",
-                "object",
-                "binData",
-                "objectId",
-                "bool",
-                "date",
-                "timestamp",
-                "regex",
-                "maxKey",
-            ],
-        ),
+        (5, AFTER_A_NUMBER),
         ("abc", ["object", "binData", "objectId", "bool", "date", "timestamp", "regex", "maxKey"]),
-        (
-            MinKey(),
-            [
-                "null",
-                "double",
-                "int",
-                "long",
-                "decimal",
-                "symbol",
-                "string",
-                "object",
-                "binData",
-                "objectId",
-                "bool",
-                "date",
-                "timestamp",
-                "regex",
-                "maxKey",
-            ],
-        ),
+        (MinKey(), ["null", "double", "int", "long", "decimal", *AFTER_A_NUMBER]),
     ],
 )
 def test_resume_filter_covers_every_type_that_sorts_later(last, expected_later):
