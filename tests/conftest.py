@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +24,7 @@ import pytest
 from tweet_embed.backends.base import Backend, BackendInfo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-m", "tweet_embed"]  # the real command line, as ``run_cli`` runs it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -124,7 +129,7 @@ def run_cli(
     if env:
         e.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "tweet_embed", *args],
+        [*CLI, *args],
         cwd=cwd or ROOT,
         env=e,
         capture_output=True,
@@ -175,6 +180,36 @@ def moto_s3(bucket: str) -> Iterator[object]:
             else:
                 os.environ[k] = v
         storage.clear_cache()
+
+
+def chunks_done(work: str) -> int:
+    """How many chunks of an embed run into ``work`` have their ``.done`` marker."""
+    return len(glob.glob(os.path.join(work, "progress", "*.done")))
+
+
+def kill_after_chunks(proc: subprocess.Popen[Any], work: str, chunks: int, timeout: float) -> int:
+    """SIGKILL ``proc``, an embed run into ``work``, once ``chunks`` chunks are done (or ``timeout`` s have
+    passed); it must not end by itself before. Returns how many chunks were done when it died."""
+    try:
+        deadline = time.time() + timeout
+        while chunks_done(work) < chunks and time.time() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read()[-3000:] if proc.stderr else ""
+                raise AssertionError(f"the first run ended before it was killed: {err!r}")
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    return chunks_done(work)
+
+
+def assert_resumed(stderr: str, done_before: int, chunks: int, chunk_lines: int) -> None:
+    """The resumed run's summary line: it skipped at least the ``done_before`` chunks done before the kill,
+    and embedded exactly the others, ``chunk_lines`` rows each."""
+    m = re.search(rf"Embedded (\d+) rows in (\d+) chunks \((\d+) of {chunks} already done\)", stderr)
+    assert m, stderr[-3000:]
+    rows, now, skipped = map(int, m.groups())
+    assert skipped >= done_before and now == chunks - skipped and rows == chunk_lines * now
 
 
 def descendants(pid: int) -> set[int]:

@@ -18,7 +18,7 @@ import pytest
 from tweet_embed.testing.server import TEIServer, expected_vectors
 from tweet_embed.testing.synth import synth_tweets, write_jsonl
 
-from conftest import ROOT, alive, descendants, read_shards, run_cli, sample_slice
+from conftest import CLI, ROOT, alive, descendants, read_shards, run_cli, sample_slice
 
 DIM = 16
 
@@ -108,19 +108,7 @@ def test_kill9_at_random_moments_then_resume_is_exact(tmp_path, server, corpus) 
     path, records = corpus
     server.set_faults(latency=0.01)
     work = str(tmp_path / "w")
-    args = [
-        sys.executable,
-        "-m",
-        "tweet_embed",
-        "embed",
-        path,
-        "--tei-urls",
-        server.embed_url,
-        "--work-dir",
-        work,
-        "--chunk-size",
-        "200",
-    ]
+    args = [*CLI, "embed", path, "--tei-urls", server.embed_url, "--work-dir", work, "--chunk-size", "200"]
     rng = random.Random(11)
     for _ in range(8):
         p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,19 +148,7 @@ def test_second_process_on_same_work_dir_is_refused(tmp_path, corpus) -> None:
     with TEIServer(dim=DIM, latency=0.2) as srv:
         work = str(tmp_path / "w")
         first = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tweet_embed",
-                "embed",
-                path,
-                "--tei-urls",
-                srv.url,
-                "--work-dir",
-                work,
-                "--chunk-size",
-                "100",
-            ],
+            [*CLI, "embed", path, "--tei-urls", srv.url, "--work-dir", work, "--chunk-size", "100"],
             cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,

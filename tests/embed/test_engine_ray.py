@@ -9,11 +9,8 @@ from __future__ import annotations
 import glob
 import gzip
 import os
-import re
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +30,7 @@ from tweet_embed.embed.telemetry import read_journal
 from tweet_embed.testing.server import TEIServer, expected_vectors
 from tweet_embed.testing.synth import synth_tweets
 
-from conftest import ROOT, moto_s3, read_shards, sample_slice
+from conftest import CLI, ROOT, assert_resumed, kill_after_chunks, moto_s3, read_shards, sample_slice
 
 ray = pytest.importorskip("ray")
 DIM = 16
@@ -428,45 +425,23 @@ def test_cli_driver_killed_then_rerun_resumes_exactly(tmp_path) -> None:
         fh.write(b"".join(orjson.dumps({"_id": i, "text": t}) + b"\n" for i, t in records))
     work = str(tmp_path / "w")
     with TEIServer(dim=DIM, latency=0.03) as srv:
-        args = [
-            sys.executable,
-            "-m",
-            "tweet_embed",
-            "embed",
-            path,
-            "--tei-urls",
-            srv.url,
-            "--work-dir",
-            work,
-            "--chunk-size",
-            "100",
-            "--engine",
-            "ray",
-            "--log-interval",
-            "0.1",  # the resumed run may take only about a second: the speed line must still show
-        ]
+        args = [*CLI, "embed", path, "--tei-urls", srv.url, "--work-dir", work, "--chunk-size", "100"]
+        args += ["--engine", "ray"]
+        # the resumed run may take only about a second: the speed line must still show
+        args += ["--log-interval", "0.1"]
         first = subprocess.Popen(
             args, cwd=ROOT, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            deadline = time.time() + 180
-            while len(glob.glob(os.path.join(work, "progress", "*.done"))) < 4 and time.time() < deadline:
-                assert first.poll() is None, "the first run ended before it was killed"
-                time.sleep(0.05)
+            done_before = kill_after_chunks(first, work, 4, timeout=180)
         finally:
-            first.send_signal(signal.SIGKILL)
-            first.wait()
             _reap_ray_session(first.pid)
-        done_before = len(glob.glob(os.path.join(work, "progress", "*.done")))
         assert 4 <= done_before < 20
         for f in glob.glob(os.path.join(work, "shards", "*.parquet")):
             pq.read_metadata(f)  # every published shard is complete
         r = subprocess.run(args, cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = re.search(r"Embedded (\d+) rows in (\d+) chunks \((\d+) of 20 already done\)", r.stderr)
-    assert m, r.stderr[-3000:]
-    rows, now, skipped = map(int, m.groups())
-    assert skipped >= done_before and now == 20 - skipped and rows == 100 * now
+    assert_resumed(r.stderr, done_before, chunks=20, chunk_lines=100)
     assert "Inst. speed:" in r.stderr
     ids, vecs, _ = read_output(os.path.join(work, "shards"))
     assert ids == [i for i, _ in records]

@@ -17,7 +17,6 @@ import asyncio
 import glob
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ from tweet_embed.embed.runner import run_embed
 from tweet_embed.testing.server import TEIServer, expected_vectors
 from tweet_embed.testing.synth import synth_tweets
 
-from conftest import ROOT, moto_s3, read_shards
+from conftest import CLI, ROOT, assert_resumed, kill_after_chunks, moto_s3, read_shards
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -346,29 +345,18 @@ def test_cli_driver_killed_then_rerun_against_same_cluster(tmp_path, nodes) -> N
     records = write_tweets(path, 2000, seed=5)
     work = str(tmp_path / "w")
     with TEIServer(dim=DIM, latency=0.03) as srv:
-        args = [sys.executable, "-m", "tweet_embed", "embed", path, "--tei-urls", srv.url, "--work-dir", work]
+        args = [*CLI, "embed", path, "--tei-urls", srv.url, "--work-dir", work]
         args += ["--chunk-size", "100", "--engine", "ray", "--ray-address", nodes.cluster.address]
         args += ["--log-interval", "0.1"]
         first = subprocess.Popen(
             args, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        try:
-            deadline = time.time() + 120
-            while len(glob.glob(os.path.join(work, "progress", "*.done"))) < 4 and time.time() < deadline:
-                assert first.poll() is None, first.stderr.read().decode()[-3000:] if first.stderr else ""
-                time.sleep(0.05)
-        finally:
-            first.send_signal(signal.SIGKILL)
-            first.communicate()
-        done_before = len(glob.glob(os.path.join(work, "progress", "*.done")))
+        done_before = kill_after_chunks(first, work, 4, timeout=120)
         assert 4 <= done_before < 20
         r = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Ray: 3 node(s), 3 CPUs" in r.stderr, r.stderr[:3000]  # it joined the cluster, not a new local one
-    m = re.search(r"Embedded (\d+) rows in (\d+) chunks \((\d+) of 20 already done\)", r.stderr)
-    assert m, r.stderr[-3000:]
-    rows, now, skipped = map(int, m.groups())
-    assert skipped >= done_before and now == 20 - skipped and rows == 100 * now
+    assert_resumed(r.stderr, done_before, chunks=20, chunk_lines=100)
     assert_rows(work, records)
 
 
