@@ -3,8 +3,11 @@ against two real local servers (one failing now and then) and checked against th
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,52 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+@dataclass
+class Scrapes:
+    during: list[dict[Any, float]] = field(default_factory=list)  # every 0.2 s of the run (with ``poll``)
+    final: list[dict[Any, float]] = field(default_factory=list)  # one per /metrics server, as it closes
+
+
+@contextlib.contextmanager
+def scraped(monkeypatch: pytest.MonkeyPatch, poll: bool = False) -> Iterator[Scrapes]:
+    """Scrape the /metrics server of each run inside: once as it closes (the very end of the run) and, with
+    ``poll``, the first one every 0.2 s while it serves."""
+    got = Scrapes()
+    servers: list[Any] = []
+    real_init, real_close = metrics_mod.MetricsServer.__init__, metrics_mod.MetricsServer.close
+
+    def init(self: Any, *a: Any, **kw: Any) -> None:
+        real_init(self, *a, **kw)
+        servers.append(self)
+
+    def close(self: Any) -> None:
+        got.final.append(scrape(self.url))
+        real_close(self)
+
+    monkeypatch.setattr(metrics_mod.MetricsServer, "__init__", init)
+    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
+    if not poll:
+        yield got
+        return
+    stop = threading.Event()
+
+    def poller() -> None:
+        while not stop.wait(0.2):
+            if servers:
+                try:
+                    got.during.append(scrape(servers[0].url))
+                except OSError:  # the run ended between two polls
+                    return
+
+    thread = threading.Thread(target=poller)
+    thread.start()
+    try:
+        yield got
+    finally:
+        stop.set()
+        thread.join()
+
+
 def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 
@@ -41,31 +90,6 @@ def test_metrics_during_a_run_match_the_summary(tmp_path: Path, monkeypatch: pyt
     write_jsonl(str(src), 1500, seed=4)
     with src.open("ab") as f:
         f.write(b"{broken\n")
-    servers: list[Any] = []
-    during: list[dict[Any, float]] = []
-    final: list[dict[Any, float]] = []
-    real_init, real_close = metrics_mod.MetricsServer.__init__, metrics_mod.MetricsServer.close
-
-    def init(self: Any, *a: Any, **kw: Any) -> None:
-        real_init(self, *a, **kw)
-        servers.append(self)
-
-    def close(self: Any) -> None:  # the last scrape, at the very end of the run
-        final.append(scrape(self.url))
-        real_close(self)
-
-    monkeypatch.setattr(metrics_mod.MetricsServer, "__init__", init)
-    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(0.2):
-            if servers:
-                try:
-                    during.append(scrape(servers[0].url))
-                except OSError:  # the run ended between two polls
-                    return
-
     with (
         TEIServer(dim=DIM, capacity=300, max_client_batch_size=16) as a,
         TEIServer(dim=DIM, capacity=300, max_client_batch_size=16, p_503=0.2, seed=3) as b,
@@ -73,16 +97,12 @@ def test_metrics_during_a_run_match_the_summary(tmp_path: Path, monkeypatch: pyt
         dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
         opts = EmbedOptions(inputs=[str(src)], dirs=dirs, chunk_lines=150, metrics_port=0, log_interval=0.5)
         spec = BackendSpec(urls=(a.embed_url, b.embed_url))
-        poller = threading.Thread(target=poll)
-        poller.start()
-        try:
+        with scraped(monkeypatch, poll=True) as scrapes:
             summary = run_embed(opts, spec)
-        finally:
-            stop.set()
-            poller.join()
         served = {a.url.split("//")[1]: a.counters, b.url.split("//")[1]: b.counters}
+    during = scrapes.during
     assert len(during) >= 2, "the run was too short to be scraped"
-    [end] = final
+    [end] = scrapes.final
     assert total(end, "tweet_embed_rows_total") == summary.rows == 1500
     assert total(end, "tweet_embed_texts_sent_total") == summary.embedded_texts
     assert end[("tweet_embed_distinct_texts", ())] == summary.distinct_texts > 0  # dedupe's count
@@ -117,21 +137,13 @@ def test_devices_engine_journal_and_metrics_from_the_driver(
     /metrics (no per-endpoint ones)."""
     src = tmp_path / "in.jsonl"
     write_jsonl(str(src), 600, seed=8)
-    final: list[dict[Any, float]] = []
-    real_close = metrics_mod.MetricsServer.close
-
-    def close(self: Any) -> None:
-        final.append(scrape(self.url))
-        real_close(self)
-
-    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
     dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
     opts = EmbedOptions(
         inputs=[str(src)], dirs=dirs, chunk_lines=100, log_interval=0.3, devices=["w0", "w1"], metrics_port=0
     )
-    with TEIServer(dim=DIM, latency=0.05) as srv:
+    with TEIServer(dim=DIM, latency=0.05) as srv, scraped(monkeypatch) as scrapes:
         summary = run_embed(opts, BackendSpec(urls=(srv.embed_url,)))
-    [end] = final
+    [end] = scrapes.final
     assert total(end, "tweet_embed_rows_total") == summary.rows == 600
     distinct = len({t for _, t in synth_tweets(600, seed=8)})  # each distinct text sent once (dedupe)
     assert total(end, "tweet_embed_texts_sent_total") == summary.embedded_texts == distinct
@@ -160,31 +172,6 @@ def test_devices_cpu_two_workers_per_device_figures(tmp_path: Path, monkeypatch:
 
     src = tmp_path / "in.jsonl"
     write_jsonl(str(src), 3000, seed=9)
-    servers: list[Any] = []
-    during: list[dict[Any, float]] = []
-    final: list[dict[Any, float]] = []
-    real_init, real_close = metrics_mod.MetricsServer.__init__, metrics_mod.MetricsServer.close
-
-    def init(self: Any, *a: Any, **kw: Any) -> None:
-        real_init(self, *a, **kw)
-        servers.append(self)
-
-    def close(self: Any) -> None:
-        final.append(scrape(self.url))
-        real_close(self)
-
-    monkeypatch.setattr(metrics_mod.MetricsServer, "__init__", init)
-    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.wait(0.2):
-            if servers:
-                try:
-                    during.append(scrape(servers[0].url))
-                except OSError:
-                    return
-
     model = "random:L2-H64"
     devices = plan_workers("cpu", None, model, 2)
     assert devices == ["cpu", "cpu"]
@@ -192,14 +179,9 @@ def test_devices_cpu_two_workers_per_device_figures(tmp_path: Path, monkeypatch:
     opts = EmbedOptions(
         inputs=[str(src)], dirs=dirs, chunk_lines=100, log_interval=0.5, devices=devices, metrics_port=0
     )
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
+    with scraped(monkeypatch, poll=True) as scrapes:
         summary = run_embed(opts, BackendSpec(model=model, device="cpu", runtime="torch"))
-    finally:
-        stop.set()
-        poller.join()
-    [end] = final
+    [end] = scrapes.final
     assert summary.rows == 3000 and summary.embedded_texts > 0
 
     def per_worker(samples: dict[Any, float], name: str) -> dict[str, float]:
@@ -216,7 +198,7 @@ def test_devices_cpu_two_workers_per_device_figures(tmp_path: Path, monkeypatch:
     for w in texts:
         assert 0 < batches[w] <= texts[w] and texts[w] < tokens[w] <= padded[w] and seconds[w] > 0
     # during the run the counters grow, reported by the workers while they embed
-    seen = [total(s, "tweet_embed_device_texts_total") for s in during]
+    seen = [total(s, "tweet_embed_device_texts_total") for s in scrapes.during]
     assert seen == sorted(seen) and any(0 < v < summary.embedded_texts for v in seen)
     events = read_journal(str(tmp_path / "w" / "progress"))
     lines = [e for e in events if e["event"] == "interval"]
@@ -231,18 +213,11 @@ def test_in_process_model_figures_per_device(tmp_path: Path, monkeypatch: pytest
     seconds on /metrics and in the journal, against the summary."""
     src = tmp_path / "in.jsonl"
     write_jsonl(str(src), 400, seed=10)
-    final: list[dict[Any, float]] = []
-    real_close = metrics_mod.MetricsServer.close
-
-    def close(self: Any) -> None:
-        final.append(scrape(self.url))
-        real_close(self)
-
-    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
     dirs = WorkDirs.from_options(str(tmp_path / "w"), None, None, None)
     opts = EmbedOptions(inputs=[str(src)], dirs=dirs, chunk_lines=100, log_interval=0.5, metrics_port=0)
-    summary = run_embed(opts, BackendSpec(model="random:L2-H64", device="cpu", runtime="torch"))
-    [end] = final
+    with scraped(monkeypatch) as scrapes:
+        summary = run_embed(opts, BackendSpec(model="random:L2-H64", device="cpu", runtime="torch"))
+    [end] = scrapes.final
     lab = (("device", "cpu"), ("worker", "cpu"))
     assert end[("tweet_embed_device_texts_total", lab)] == summary.embedded_texts > 0
     assert end[("tweet_embed_device_tokens_total", lab)] == summary.stats["tokens"] > summary.embedded_texts
