@@ -78,15 +78,8 @@ def embed_once(
     return s, time.perf_counter() - t0
 
 
-def one_run(
-    path: str,
-    work: str,
-    spec: BackendSpec,
-    chunk: int,
-    ray_opts: RayOptions | None,
-    chunks_in_flight: int = 3,
-) -> dict[str, Any]:
-    s, wall = embed_once(path, work, spec, chunk, ray_opts, chunks_in_flight)
+def figures(chunk: int, s: Summary, wall: float) -> dict[str, Any]:
+    """A run's row: what :func:`embed_once` returned, at ``chunk`` lines per chunk."""
     return {
         "chunk_lines": chunk,
         "chunks": s.chunks_done_now,
@@ -163,14 +156,12 @@ def main() -> int:
             results["ray_init_seconds"] = round(time.perf_counter() - t0, 2)
             print(f"ray.init: {results['ray_init_seconds']}s", flush=True)
             try:
-                one_run(
-                    path, os.path.join(tmp, "w"), spec, args.big, RayOptions()
-                )  # start the worker processes
+                embed_once(path, os.path.join(tmp, "w"), spec, args.big, RayOptions())  # start the workers
                 for _ in range(args.repeats):  # rounds interleave the engines: a busy machine hits both alike
                     for name, inp, chunk, ropts, cif in configs:
                         key = f"{name}@{chunk}"
                         which = thread_spec if name == "local_decode_thread" else spec
-                        r = one_run(inp, os.path.join(tmp, "w"), which, chunk, ropts, cif)
+                        r = figures(chunk, *embed_once(inp, os.path.join(tmp, "w"), which, chunk, ropts, cif))
                         if key not in runs or r["seconds"] < runs[key]["seconds"]:
                             runs[key] = r
                         print(f"{key:26s} {r}", flush=True)
