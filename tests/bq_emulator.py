@@ -2,7 +2,7 @@
 
 It lives in its own venv (``scripts/setup_bq_emulator.sh`` makes ``.venv-bqemu``; see there why), or wherever
 ``TWEET_EMBED_BQEMU`` points (the ``bqemulator`` executable). Tests that need it skip with that hint
-when it is absent.
+when it is absent (``needs_emulator``); tests of the clients alone need only the extra (``needs_bq``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
+
+from tweet_embed.export import ExportError
+from tweet_embed.export.bigquery import require_bigquery
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VENV = os.path.join(ROOT, ".venv-bqemu")
 SKIP_REASON = "BigQuery emulator not installed: run scripts/setup_bq_emulator.sh (or set TWEET_EMBED_BQEMU)"
@@ -24,6 +29,21 @@ SKIP_REASON = "BigQuery emulator not installed: run scripts/setup_bq_emulator.sh
 def emulator_executable() -> str | None:
     exe = os.environ.get("TWEET_EMBED_BQEMU") or os.path.join(DEFAULT_VENV, "bin", "bqemulator")
     return exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None
+
+
+def _have_bq() -> bool:
+    try:
+        require_bigquery()
+    except ExportError:
+        return False
+    return True
+
+
+HAVE_BQ = _have_bq()
+needs_bq = pytest.mark.skipif(
+    not HAVE_BQ, reason="google-cloud-bigquery(-storage) not installed (pip install 'tweet-embed[bigquery]')"
+)
+needs_emulator = pytest.mark.skipif(not HAVE_BQ or emulator_executable() is None, reason=SKIP_REASON)
 
 
 def _free_port() -> int:

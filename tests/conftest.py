@@ -184,7 +184,7 @@ def moto_s3(bucket: str) -> Iterator[object]:
 
 def chunks_done(work: str) -> int:
     """How many chunks of an embed run into ``work`` have their ``.done`` marker."""
-    return len(glob.glob(os.path.join(work, "progress", "*.done")))
+    return len(glob.glob(os.path.join(work, "progress", "part-*.done")))
 
 
 def kill_after_chunks(proc: subprocess.Popen[Any], work: str, chunks: int, timeout: float) -> int:

@@ -28,7 +28,7 @@ from tweet_embed.parquet import file_sha256
 from tweet_embed.testing.server import TEIServer, expected_vectors
 from tweet_embed.testing.synth import synth_tweets
 
-from conftest import ROOT, alive, descendants, read_shards, run_cli
+from conftest import ROOT, alive, chunks_done, descendants, read_shards, run_cli
 
 DIM = 16
 PROBE = "dimension probe"
@@ -73,10 +73,6 @@ def assert_consistent(work: str) -> int:
             marker = orjson.loads(fh.read())
         assert file_sha256(os.path.join(work, "shards", marker["shard"])) == marker["sha256"], m
     return len(markers)
-
-
-def count_done(work: str) -> int:
-    return len(glob.glob(os.path.join(work, "progress", "part-*.done")))
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
@@ -136,8 +132,10 @@ def test_pool_of_three_flaky_servers_one_dies_half_way(tmp_path, corpus) -> None
             "150",
         )
         total = 20  # 3000 lines / 150
-        wait_for(lambda: count_done(work) >= total // 2 or proc.poll() is not None, what="half of the chunks")
-        done_at_death = count_done(work)
+        wait_for(
+            lambda: chunks_done(work) >= total // 2 or proc.poll() is not None, what="half of the chunks"
+        )
+        done_at_death = chunks_done(work)
         servers[0].set_faults(dead=True)
         served_before_death = servers[0].counters["ok"]
         assert proc.wait(timeout=240) == 0, open(tmp_path / "log").read()
@@ -260,7 +258,7 @@ def test_all_servers_down_waits_then_exits_naming_them_and_resumes_later(tmp_pat
             "3",
         ]
         proc = start_cli(str(tmp_path / "log"), *args)
-        wait_for(lambda: count_done(work) >= 3 or proc.poll() is not None, what="three chunks")
+        wait_for(lambda: chunks_done(work) >= 3 or proc.poll() is not None, what="three chunks")
         for s in servers:
             s.set_faults(dead=True)
         t_dead = time.monotonic()
@@ -360,7 +358,7 @@ def test_kill9_at_50_random_moments_gives_the_uninterrupted_output(tmp_path) -> 
     with TEIServer(dim=DIM, max_client_batch_size=16, latency=0.02) as srv:
         args = cli_args("embed", path, "--tei-urls", srv.embed_url, "--work-dir", work, *common)
         for i in range(50):
-            before = count_done(work)
+            before = chunks_done(work)
             # decoding in one thread starts faster; every fifth run uses the default decode processes
             extra = [] if i % 5 == 4 else ["--workers", "1"]
             t0 = time.monotonic()
@@ -369,26 +367,26 @@ def test_kill9_at_50_random_moments_gives_the_uninterrupted_output(tmp_path) -> 
                 # a random moment of start-up, planning and the first chunk (never later: the progress of each
                 # run stays small however fast or loaded the machine is)
                 until = t0 + rng.uniform(0.0, 2.0)
-                while time.monotonic() < until and count_done(work) == before and p.poll() is None:
+                while time.monotonic() < until and chunks_done(work) == before and p.poll() is None:
                     time.sleep(0.002)
             else:
                 # in the middle of the work: after 1-3 more chunks, then a few milliseconds
                 target = before + rng.randint(1, 3)
                 deadline = time.monotonic() + 60
-                while count_done(work) < target and p.poll() is None and time.monotonic() < deadline:
+                while chunks_done(work) < target and p.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0.0, 0.05))
             kids = descendants(p.pid)
             p.send_signal(signal.SIGKILL)
             p.wait()
-            mid_work += count_done(work) > before and p.returncode == -signal.SIGKILL
+            mid_work += chunks_done(work) > before and p.returncode == -signal.SIGKILL
             wait_for(
                 lambda kids=kids: not any(alive(k) for k in kids),
                 timeout=30,
                 what="the killed run's processes to end",
             )
             assert_consistent(work)
-        assert count_done(work) < n_chunks, "the loop finished the job: the kills proved little"
+        assert chunks_done(work) < n_chunks, "the loop finished the job: the kills proved little"
         srv.set_faults(latency=0.0)
         r = run_cli("embed", path, "--tei-urls", srv.embed_url, "--work-dir", work, *common)
     assert r.returncode == 0, r.stderr
@@ -417,11 +415,11 @@ def test_second_embed_on_the_same_work_dir_is_refused_and_corrupts_nothing(tmp_p
     with TEIServer(dim=DIM, max_client_batch_size=16, latency=0.03) as srv:
         args = ["embed", path, "--tei-urls", srv.embed_url, "--work-dir", work, "--chunk-size", "150"]
         first = start_cli(str(tmp_path / "log"), *args)
-        wait_for(lambda: count_done(work) >= 2 or first.poll() is not None, what="two chunks")
+        wait_for(lambda: chunks_done(work) >= 2 or first.poll() is not None, what="two chunks")
         srv.set_faults(latency=1.0)  # hold the first run in the middle of its work
         seconds = [run_cli(*args), run_cli(*args, "--restart")]
         still_running = first.poll() is None
-        done_mid = count_done(work)
+        done_mid = chunks_done(work)
         srv.set_faults(latency=0.0)
         assert first.wait(timeout=240) == 0, open(tmp_path / "log").read()
     assert still_running, "the first run ended before the second started: the test proved nothing"

@@ -109,32 +109,15 @@ def test_key_file_must_be_private(tmp_path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
     with TEIServer(dim=DIM, api_key=KEY) as srv:
+        args = ["embed", path, "--tei-urls", srv.embed_url, "--api-key-file", str(key_file)]
+        args += ["--work-dir", str(tmp_path / "w")]
         for mode in (0o644, 0o640, 0o604):
             os.chmod(key_file, mode)
-            r = run_cli(
-                "embed",
-                path,
-                "--tei-urls",
-                srv.embed_url,
-                "--api-key-file",
-                str(key_file),
-                "--work-dir",
-                str(tmp_path / "w"),
-            )
+            r = run_cli(*args)
             assert r.returncode == 2, (oct(mode), r.stderr)
             assert "chmod 600" in r.stderr and KEY not in r.stderr
         os.chmod(key_file, 0o600)
-        r = run_cli(
-            "embed",
-            path,
-            "--tei-urls",
-            srv.embed_url,
-            "--api-key-file",
-            str(key_file),
-            "--work-dir",
-            str(tmp_path / "w"),
-            env={"TWEET_EMBED_API_KEY": "", "OPENAI_API_KEY": ""},
-        )
+        r = run_cli(*args, env={"TWEET_EMBED_API_KEY": "", "OPENAI_API_KEY": ""})
         assert r.returncode == 0, r.stderr
         assert srv.counters["401"] == 0
     assert_nowhere(KEY, [r.stdout, r.stderr], [tmp_path / "w"])

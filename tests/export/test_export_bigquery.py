@@ -20,24 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bq_emulator import needs_bq, needs_emulator, run_emulator
 from tweet_embed.export import ExportError
 from tweet_embed.export.bigquery import TableRef, batch_to_lines, bq_id_to_str, require_bigquery
 from tweet_embed.export.jsonl_writer import SKIP_TEXT_EMPTY, SKIP_TEXT_MISSING, partial_path, state_path
 
-try:
-    require_bigquery()
-    HAVE_BQ = True
-except ExportError:
-    HAVE_BQ = False
-
-from bq_emulator import SKIP_REASON, emulator_executable, run_emulator  # noqa: E402
-
-from conftest import read_jsonl  # noqa: E402
-
-needs_bq = pytest.mark.skipif(
-    not HAVE_BQ, reason="google-cloud-bigquery(-storage) not installed (pip install 'tweet-embed[bigquery]')"
-)
-
+from conftest import read_jsonl
 
 # --- pure parts ------------------------------------------------------------------------------------------
 
@@ -359,8 +347,6 @@ def test_fake_missing_column(tmp_path):
 
 
 # --- the emulator ----------------------------------------------------------------------------------------
-
-needs_emulator = pytest.mark.skipif(not HAVE_BQ or emulator_executable() is None, reason=SKIP_REASON)
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tweet_embed.export import ExportError
-from tweet_embed.export.bigquery import require_bigquery
+from bq_emulator import needs_bq, needs_emulator, run_emulator
 from tweet_embed.load.bigquery import LoadError, gcs_uris, load_bigquery
 from tweet_embed.parquet import make_table, write_table
-
-try:
-    require_bigquery()
-    HAVE_BQ = True
-except ExportError:
-    HAVE_BQ = False
-
-from bq_emulator import SKIP_REASON, emulator_executable, run_emulator  # noqa: E402
-
-needs_bq = pytest.mark.skipif(
-    not HAVE_BQ, reason="google-cloud-bigquery not installed (pip install 'tweet-embed[bigquery]')"
-)
-needs_emulator = pytest.mark.skipif(not HAVE_BQ or emulator_executable() is None, reason=SKIP_REASON)
 
 META = {"backend": "local", "model": "all-MiniLM-L6-v2", "dim": "4", "normalize": "true", "version": "0.1.0"}
 
