@@ -18,8 +18,8 @@ import csv as _csv
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tweet_embed.input.records import BOM, InputError, ParsedBlock, clean_text, normalise_id
-from tweet_embed.input.rules import DEFAULT_RULES, Rules, add_result, check_text, filter_record
+from tweet_embed.input.records import BOM, InputError, ParsedBlock, check_text, clean_text, normalise_id
+from tweet_embed.input.rules import DEFAULT_RULES, Rules, add_result, filter_record
 
 SCAN_BLOCK = 1 << 22
 DELIMITERS = {"csv": ",", "tsv": "\t"}

@@ -31,6 +31,7 @@ from tweet_embed.input.rules import (
     DEFAULT_RULES,
     Rules,
     add_result,
+    plain_records,
     record_from_raw,
 )
 
@@ -284,7 +285,7 @@ def parse_array_block(
     needs exact big integers — element by element, so memory holds one decoded record at a time (a chunk of
     10,000 v1.1 tweets decoded at once is hundreds of MB of Python objects) and only a bad element is rejected.
     """
-    if not tweets and not rules.filters and "." not in id_field + text_field:
+    if plain_records(id_field, text_field, rules, tweets):
         body = data.rstrip(_WS)
         if body.endswith(b","):
             body = body[:-1]

@@ -139,20 +139,28 @@ def parse_line(raw: bytes, id_field: str = "_id", text_field: str = "text") -> t
             value = exact.get(id_field, value)
     rid = normalise_id(value)
     if rid is None:
-        return f"invalid id {_short_repr(value)}"
+        return f"invalid id {short_repr(value)}"
     if text_field not in obj:
         return f"missing text field {text_field!r}"
     text = obj[text_field]
+    bad = check_text(text)
+    if bad is not None:
+        return bad
+    return rid, clean_text(text)
+
+
+def check_text(text: object) -> str | None:
+    """The reject reason for a text field's value that is not a non-empty string, else None."""
     if text is None:
         return "text is null"
     if not isinstance(text, str):
         return f"text is not a string (a {type(text).__name__})"
     if not text:
         return "text is empty"
-    return rid, clean_text(text)
+    return None
 
 
-def _short_repr(value: object) -> str:
+def short_repr(value: object) -> str:
     r = repr(value)
     return r if len(r) <= 60 else r[:57] + "..."
 

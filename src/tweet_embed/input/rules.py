@@ -20,10 +20,12 @@ from typing import Any
 from tweet_embed.input.records import (
     ParsedBlock,
     Reject,
+    check_text,
     clean_text,
     loads,
     normalise_id,
     parse_lines,
+    short_repr,
     snippet,
     split_lines,
 )
@@ -98,21 +100,6 @@ class NeedsExactInts(Exception):
     """The id decoded as a float (an integer beyond 64 bits in orjson): decode the record with the stdlib."""
 
 
-def _short_repr(value: object) -> str:
-    r = repr(value)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
-def check_text(text: Any) -> str | None:
-    if text is None:
-        return "text is null"
-    if not isinstance(text, str):
-        return f"text is not a string (a {type(text).__name__})"
-    if not text:
-        return "text is empty"
-    return None
-
-
 def extract(
     obj: Any,
     id_field: str,
@@ -142,7 +129,7 @@ def extract(
         raise NeedsExactInts
     rid = normalise_id(value)
     if rid is None:
-        return f"invalid id {_short_repr(value)}"
+        return f"invalid id {short_repr(value)}"
     if kind is not None and text_field == "text":
         text = v1_text(obj, rules.text_mode) if kind == "v1" else v2_text(obj, rules.text_mode, includes)
     else:
@@ -207,6 +194,12 @@ def add_result(
         block.rejects.append(Reject(label, line, result, snippet(raw or b"")))
 
 
+def plain_records(id_field: str, text_field: str, rules: Rules, tweets: bool | str) -> bool:
+    """Whether a block can take the bulk path: plain records (not Twitter objects), no filters, top-level
+    fields (no dotted path)."""
+    return not tweets and not rules.filters and "." not in id_field and "." not in text_field
+
+
 def parse_json_lines(
     data: bytes,
     first_line: int,
@@ -218,7 +211,7 @@ def parse_json_lines(
 ) -> ParsedBlock:
     """A JSONL chunk under these rules: plain records without filters or dotted fields take the fast path
     of :func:`records.parse_lines` (unchanged); anything else goes line by line through :func:`extract`."""
-    if not tweets and not rules.filters and "." not in id_field and "." not in text_field:
+    if plain_records(id_field, text_field, rules, tweets):
         return parse_lines(data, first_line, file_label, id_field, text_field)
     block = ParsedBlock([], [], [], [])
     for lineno, raw in split_lines(data, first_line):
