@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from tweet_embed import storage
 from tweet_embed._version import __version__
@@ -39,6 +40,9 @@ from tweet_embed.embed.worker import ChunkResult, commit_chunk, embed_chunk, par
 from tweet_embed.input.records import InputError, ParsedBlock
 from tweet_embed.input.rules import rules_metadata
 from tweet_embed.progress import Progress
+
+if TYPE_CHECKING:
+    from tweet_embed.embed.metrics import MetricsServer
 
 log = logging.getLogger("tweet_embed")
 WRITE_QUEUE = 3  # finished chunks being written at once (writer threads)
@@ -162,6 +166,19 @@ def _driver_monitor(
     """Journal and metrics for the engines that embed in other processes (--devices, --engine ray): the
     driver's figures (rows, texts, chunks, ETA) and the per-endpoint and per-device figures the workers
     report (``monitor.report``, see :class:`~tweet_embed.embed.telemetry.WorkerFigures`)."""
+    monitor, metrics = _open_monitor(opts, plan, pending, summary, engine)
+    monitor.workers = WorkerFigures()
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        _close_monitor(monitor, metrics, summary, dict(summary.stats))
+
+
+def _open_monitor(
+    opts: EmbedOptions, plan: Plan, pending: list[Chunk], summary: Summary, engine: str
+) -> tuple[RunMonitor, MetricsServer | None]:
+    """The run's journal (not started yet) and, with --metrics-port, its /metrics server."""
     monitor = RunMonitor(
         opts.dirs.progress,
         chunks_total=len(plan.chunks),
@@ -170,30 +187,32 @@ def _driver_monitor(
         interval=opts.log_interval,
         info={"engine": engine, "inputs": [f.label for f in plan.files], "chunks_pending": len(pending)},
     )
-    monitor.summary = summary
-    monitor.workers = WorkerFigures()
+    monitor.summary = summary  # distinct texts and reused rows (dedupe) for the journal and /metrics
     metrics = None
     if opts.metrics_port is not None:
         from tweet_embed.embed.metrics import MetricsServer
 
         metrics = MetricsServer(monitor, opts.metrics_port, opts.metrics_addr)
         log.info("metrics: %s", metrics.url)
-    monitor.start()
-    try:
-        yield monitor
-    finally:
-        monitor.stop(
-            {
-                "rows": summary.rows,
-                "texts_sent": summary.embedded_texts,
-                "chunks_done_now": summary.chunks_done_now,
-                "distinct_texts": summary.distinct_texts,
-                "reused": summary.reused,
-                "stats": dict(summary.stats),
-            }
-        )
-        if metrics is not None:
-            metrics.close()
+    return monitor, metrics
+
+
+def _close_monitor(
+    monitor: RunMonitor, metrics: MetricsServer | None, summary: Summary, stats: dict[str, int]
+) -> None:
+    """The journal's ``end`` event (the run's figures, ``stats`` the backend's), then /metrics closes."""
+    monitor.stop(
+        {
+            "rows": summary.rows,
+            "texts_sent": summary.embedded_texts,
+            "chunks_done_now": summary.chunks_done_now,
+            "distinct_texts": summary.distinct_texts,
+            "reused": summary.reused,
+            "stats": stats,
+        }
+    )
+    if metrics is not None:
+        metrics.close()
 
 
 def texts_report(markers: Iterable[Marker], summary: Summary, chunks: int) -> dict[str, object]:
@@ -237,26 +256,12 @@ async def _run_pending(
     summary: Summary,
 ) -> None:
     dirs = opts.dirs
-    monitor = RunMonitor(
-        dirs.progress,
-        chunks_total=len(plan.chunks),
-        chunks_done_before=summary.chunks_skipped,
-        lines_total=sum(c.n_lines for c in plan.chunks),
-        interval=opts.log_interval,
-        info={"engine": "local", "inputs": [f.label for f in plan.files], "chunks_pending": len(pending)},
-    )
-    metrics = None
-    if opts.metrics_port is not None:
-        from tweet_embed.embed.metrics import MetricsServer
-
-        metrics = MetricsServer(monitor, opts.metrics_port, opts.metrics_addr)
-        log.info("metrics: %s", metrics.url)
+    monitor, metrics = _open_monitor(opts, plan, pending, summary, "local")
     backend = make_backend()
     monitor.backend = backend
     total = sum(c.n_lines for c in pending)
     progress = Progress(total_rows=total, interval=opts.log_interval, note=monitor.note)
     monitor.progress = progress
-    monitor.summary = summary  # distinct texts and reused rows (dedupe) for the journal and /metrics
     # Progress and the journal start before the backend does: waiting for a server that does not answer
     # (at start too) shows in the 5-second line, the journal and `status`.
     monitor.start()
@@ -300,18 +305,7 @@ async def _run_pending(
             )
         summary.stats = backend.stats()
     finally:
-        monitor.stop(
-            {
-                "rows": summary.rows,
-                "texts_sent": summary.embedded_texts,
-                "chunks_done_now": summary.chunks_done_now,
-                "distinct_texts": summary.distinct_texts,
-                "reused": summary.reused,
-                "stats": backend.stats(),
-            }
-        )
-        if metrics is not None:
-            metrics.close()
+        _close_monitor(monitor, metrics, summary, backend.stats())
         with contextlib.suppress(Exception):
             await backend.close()
 
