@@ -136,6 +136,15 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, str]:
     return secs, ru.ru_maxrss * 1024, sampled, tail
 
 
+def write_record(out: str, record: dict) -> None:
+    """The run's record: to ``out`` (the results file) and to stdout."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(record, fh, indent=1)
+        fh.write("\n")
+    print(json.dumps(record, indent=1))
+
+
 def scale_ids(args: argparse.Namespace) -> None:
     """Many ids, tiny vectors: consolidate's dedupe and verify's id checks at ``--scale-ids`` rows, peak RSS."""
     import pyarrow as pa
@@ -216,11 +225,7 @@ def scale_ids(args: argparse.Namespace) -> None:
             "consolidate_log_tail": c_log.splitlines()[-4:],
             "verify_log_tail": v_log.splitlines()[-4:],
         }
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(record, fh, indent=1)
-            fh.write("\n")
-        print(json.dumps(record, indent=1))
+        write_record(args.out, record)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -310,11 +315,7 @@ def main() -> None:
             "cp_MBps": round(nbytes / 1e6 / cp_s, 1),
             "consolidate_log_tail": c_log.splitlines()[-8:],
         }
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(record, fh, indent=1)
-            fh.write("\n")
-        print(json.dumps(record, indent=1))
+        write_record(args.out, record)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
