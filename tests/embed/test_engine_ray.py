@@ -115,14 +115,25 @@ def sent(server: TEIServer) -> Counter[str]:
 # ------------------------------------------------------------------------ test backends (built in workers)
 
 
-class KillOnceBackend(Backend):
-    """Kills its own Ray worker process (like an OOM kill) the first time it sees ``victim``."""
+class WrappedBackend(Backend):
+    """A test backend around a real one, ``inner``, which it starts and closes; subclasses change ``embed``."""
 
-    def __init__(self, inner: Backend, flag: str, victim: str) -> None:
-        self.inner, self.flag, self.victim = inner, flag, victim
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
 
     async def start(self) -> BackendInfo:
         return await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class KillOnceBackend(WrappedBackend):
+    """Kills its own Ray worker process (like an OOM kill) the first time it sees ``victim``."""
+
+    def __init__(self, inner: Backend, flag: str, victim: str) -> None:
+        super().__init__(inner)
+        self.flag, self.victim = flag, victim
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.victim in texts and not os.path.exists(self.flag):
@@ -130,9 +141,6 @@ class KillOnceBackend(Backend):
                 fh.write(str(os.getpid()))
             os._exit(1)
         return await self.inner.embed(texts)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @dataclass(frozen=True)
@@ -168,12 +176,10 @@ class FailOnce:
         return FailOnceBackend(self.spec.build(), self.flag)
 
 
-class FailOnceBackend(Backend):
+class FailOnceBackend(WrappedBackend):
     def __init__(self, inner: Backend, flag: str) -> None:
-        self.inner, self.flag = inner, flag
-
-    async def start(self) -> BackendInfo:
-        return await self.inner.start()
+        super().__init__(inner)
+        self.flag = flag
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         try:
@@ -183,28 +189,8 @@ class FailOnceBackend(Backend):
         os.close(fd)
         raise OSError("connection reset by the object store (the fake)")
 
-    async def close(self) -> None:
-        await self.inner.close()
-
 
 # ------------------------------------------------------------------------------------------------- tests
-
-
-def final_scrapes(monkeypatch) -> list[dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
-    """The driver's /metrics as the run ends (one scrape per --metrics-port run)."""
-    from test_metrics import scrape
-
-    from tweet_embed.embed import metrics as metrics_mod
-
-    out: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
-    real_close = metrics_mod.MetricsServer.close
-
-    def close(self) -> None:
-        out.append(scrape(self.url))
-        real_close(self)
-
-    monkeypatch.setattr(metrics_mod.MetricsServer, "close", close)
-    return out
 
 
 def test_clean_run_is_exact_and_identical_to_local_engine(tmp_path, ray_local, server, monkeypatch) -> None:
@@ -212,11 +198,13 @@ def test_clean_run_is_exact_and_identical_to_local_engine(tmp_path, ray_local, s
     spec = BackendSpec(urls=(server.embed_url,))
     s_local = run_embed(options(inputs, str(tmp_path / "local"), None), spec)
     server.reset_counters()
-    final = final_scrapes(monkeypatch)
-    s_ray = run_embed(options(inputs, str(tmp_path / "ray"), RayOptions(), metrics_port=0), spec)
+    from test_metrics import scraped
+
+    with scraped(monkeypatch) as scrapes:
+        s_ray = run_embed(options(inputs, str(tmp_path / "ray"), RayOptions(), metrics_port=0), spec)
     # per endpoint, summed by the driver from the tasks' reports: what the server itself counted, less the
     # driver's own dimension probe (its client is no task's)
-    [end] = final
+    [end] = scrapes.final
     host = server.url.split("//")[1]
     lab = (("endpoint", host),)
     assert end[("tweet_embed_endpoint_inputs_total", lab)] == sum(server.embedded.values()) - 1
@@ -374,10 +362,12 @@ def test_in_process_model_runs_in_actors(tmp_path, ray_local, monkeypatch) -> No
     p = sample_slice(tmp_path, 120)
     spec = BackendSpec(device="cpu")
     ropts = RayOptions(actors=1, gpus_per_actor=0, cpus_per_actor=1)
-    final = final_scrapes(monkeypatch)
-    s = run_embed(options([str(p)], str(tmp_path / "ray"), ropts, chunk_lines=50, metrics_port=0), spec)
+    from test_metrics import scraped
+
+    with scraped(monkeypatch) as scrapes:
+        s = run_embed(options([str(p)], str(tmp_path / "ray"), ropts, chunk_lines=50, metrics_port=0), spec)
     assert s.rows == 120 and s.chunks_done_now == 3 and s.dim == 384
-    [end] = final
+    [end] = scrapes.final
     texts = {lab: v for (n, lab), v in end.items() if n == "tweet_embed_device_texts_total"}
     [(lab, n)] = texts.items()
     assert n == s.embedded_texts and dict(lab)["device"].endswith("/cpu")  # host/device

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from test_engine_ray import DIM, TESTS, options, sent, write_inputs
+from test_engine_ray import DIM, TESTS, WrappedBackend, options, sent, write_inputs
 
 from tweet_embed.backends import BackendSpec
-from tweet_embed.backends.base import Backend, BackendInfo
+from tweet_embed.backends.base import Backend
 from tweet_embed.embed.chunks import WorkDirs, done_markers
 from tweet_embed.embed.engines.ray import RayOptions
 from tweet_embed.embed.runner import run_embed
@@ -154,7 +154,7 @@ def assert_identical_to_local(work: str, data: dict[str, Any]) -> None:
 # ------------------------------------------------------------- a backend that says which node embedded what
 
 
-class TracedBackend(Backend):
+class TracedBackend(WrappedBackend):
     """Records, per node, how many texts it embedded (a file per node id in ``log_dir``, on the shared disk).
 
     ``hang_on``: on that node, the first call writes ``log_dir/hung`` and never returns, so that the node is
@@ -164,11 +164,9 @@ class TracedBackend(Backend):
     """
 
     def __init__(self, inner: Backend, log_dir: str, hang_on: str | None, wait_for: str | None) -> None:
-        self.inner, self.log_dir, self.hang_on, self.wait_for = inner, log_dir, hang_on, wait_for
+        super().__init__(inner)
+        self.log_dir, self.hang_on, self.wait_for = log_dir, hang_on, wait_for
         self.marked: bool | None = None
-
-    async def start(self) -> BackendInfo:
-        return await self.inner.start()
 
     def _has_resource(self, node: str) -> bool:
         if self.marked is None:
@@ -196,9 +194,6 @@ class TracedBackend(Backend):
 
     def stats(self) -> dict[str, int]:
         return self.inner.stats()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @dataclass(frozen=True)
