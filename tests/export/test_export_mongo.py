@@ -369,9 +369,8 @@ def test_real_server_export_and_resume(tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             return real_write(self, rid, text, position)
 
-        monkeypatch.setattr(M.ResumableJsonlWriter, "write", flaky_write)
-        with pytest.raises(KeyboardInterrupt):
-            M.export_mongo(
+        def export() -> M.ExportResult:
+            return M.export_mongo(
                 REAL_URI,
                 dbname,
                 "tweets",
@@ -381,17 +380,12 @@ def test_real_server_export_and_resume(tmp_path, monkeypatch):
                 commit_rows=20,
                 show_progress=False,
             )
+
+        monkeypatch.setattr(M.ResumableJsonlWriter, "write", flaky_write)
+        with pytest.raises(KeyboardInterrupt):
+            export()
         monkeypatch.setattr(M.ResumableJsonlWriter, "write", real_write)
-        result = M.export_mongo(
-            REAL_URI,
-            dbname,
-            "tweets",
-            out,
-            query={"lang": "en"},
-            batch_size=7,
-            commit_rows=20,
-            show_progress=False,
-        )
+        result = export()
         got = [r["_id"] for r in read_jsonl(out)]
         assert sorted(got) == expected and len(got) == len(set(got))
         assert result.resumed and result.skipped == {M.SKIP_TEXT_MISSING: 1, M.SKIP_TEXT_NOT_STRING: 1}
