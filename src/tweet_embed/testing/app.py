@@ -1,8 +1,9 @@
 """The TEI-compatible test server: configuration, counters, the aiohttp routes, and its background thread.
 
 See :mod:`tweet_embed.testing.server` for what it mirrors and how to use it; the wire format is in
-:mod:`.protocol`, vectors in :mod:`.vectors`, tokens in :mod:`.tokens`, faults in :mod:`.faults`, and the
-capacity mode (a simulated GPU and TEI's admission permits) in :mod:`.device`.
+:mod:`.protocol`, TEI's request checks in :mod:`.validation`, vectors in :mod:`.vectors`, tokens in
+:mod:`.tokens`, faults in :mod:`.faults`, and the capacity mode (a simulated GPU and TEI's admission permits)
+in :mod:`.device`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .protocol import (
     version_tuple,
 )
 from .tokens import approx_tokens, simple_tokenize
+from .validation import check_batch, prompt_text, validate
 from .vectors import expected_vectors
 
 __all__ = ["CONTROL_PREFIX", "DEFAULT_PAYLOAD_LIMIT", "TEI_VERSION", "Counters", "Received", "TEIServer"]
@@ -138,7 +140,7 @@ class TEIServer(ServerURLs):
         self._faults = replace(faults or Faults(), **fault_kwargs)
         self._rng = random.Random(seed)
         self._script: list[str] = []
-        self._validation_status = 422 if version_tuple(version) >= (1, 9, 0) else 413
+        self.validation_status = 422 if version_tuple(version) >= (1, 9, 0) else 413  # TEI's, for Validation
 
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
@@ -455,8 +457,11 @@ class TEIServer(ServerURLs):
             self._failures[err] += 1
 
     def _rejected(self, r: Reject, record: dict[str, Any] | None) -> web.StreamResponse:
-        """Count an early answer and note it on the request's record (if kept); returns the answer."""
+        """Count an early answer (and TEI's failure, if any) and note it on the request's record (if kept);
+        returns the answer."""
         self._count(r.outcome)
+        if r.failure is not None:
+            self._fail(r.failure)
         if record is not None:
             record["status"] = r.response.status
         return r.response
@@ -491,27 +496,6 @@ class TEIServer(ServerURLs):
                 self._received.append(record)
         return record
 
-    def _prompt(self, name: str | None, openai: bool) -> str | None:
-        """The prompt text for ``name`` (or the default prompt), or TEI's Validation error."""
-        if name is None:
-            return (
-                self.prompts[self.default_prompt_name] if self.prompts and self.default_prompt_name else None
-            )
-        if self.prompts is None:
-            msg = (
-                f"Input validation error: `default-prompt-name` is set to `{name}` but no prompts were found "
-                "in the Sentence Transformers configuration"
-            )
-        elif name not in self.prompts:
-            known = "[" + ", ".join(f'"{k}"' for k in self.prompts) + "]"  # Rust's Debug of the keys
-            msg = (
-                f"Input validation error: `default-prompt-name` is set to `{name}` but it was not found in the "
-                f"Sentence Transformers prompts. Available prompts: {known}"
-            )
-        else:
-            return self.prompts[name]
-        raise tei_error(self._validation_status, msg, "Validation", openai)
-
     def _parse_request(self, req: dict[str, Any], openai: bool) -> EmbedRequest:
         return parse_embed_request(
             req,
@@ -520,55 +504,6 @@ class TEIServer(ServerURLs):
             supports_base64=self.supports_base64,
             ignore_dimensions=self.ignore_dimensions,
         )
-
-    def _check_batch(self, n: int, was_batch: bool, openai: bool) -> None:
-        if was_batch and n == 0:
-            raise tei_error(400, "`inputs` cannot be empty", "Empty", openai)
-        if was_batch and n > self.max_client_batch_size:
-            self._fail("batch_size")
-            raise tei_error(
-                self._validation_status,
-                f"batch size {n} > maximum allowed batch size {self.max_client_batch_size}",
-                "Validation",
-                openai,
-            )
-
-    def _validate(self, req: EmbedRequest, openai: bool) -> list[str]:
-        """TEI's own checks, in its order; returns the texts the model sees (prompt prepended)."""
-        self._check_batch(len(req.texts), req.was_batch, openai)
-        if req.dimensions is not None:
-            if req.dimensions == 0:
-                raise tei_error(
-                    self._validation_status, "Input validation error: `dimensions` should be positive",
-                    "Validation", openai,
-                )  # fmt: skip
-            if req.dimensions > self.dim:
-                # TEI finds this only after the forward pass; the answer is the same.
-                raise tei_error(
-                    self._validation_status,
-                    "Input validation error: `dimensions` should be smaller than the maximum embedding dimension.",
-                    "Validation",
-                    openai,
-                )
-        prompt = None if openai else self._prompt(req.prompt_name, openai)
-        seen = req.texts
-        if prompt:
-            seen = [prompt + t if is_text else t for t, is_text in zip(req.texts, req.is_text, strict=True)]
-        if not req.truncate:
-            limit = self.max_input_length
-            for t in seen:
-                # Cheap pre-screen: approx_tokens(t) <= 2 + len(t), so short texts cannot exceed.
-                if len(t) + 2 > limit:
-                    tokens = approx_tokens(t)
-                    if tokens > limit:
-                        self._fail("validation")
-                        raise tei_error(
-                            self._validation_status,
-                            f"Input validation error: `inputs` must have less than {limit} tokens. Given: {tokens}",
-                            "Validation",
-                            openai,
-                        )
-        return seen
 
     def _next_outcome(self) -> str:
         if self._script:
@@ -666,8 +601,8 @@ class TEIServer(ServerURLs):
             req, special = parse_tokenize_request(await read_struct(request, self.payload_limit))
             texts = req.texts
             record = self._receive("tokenize", req)
-            self._check_batch(len(texts), req.was_batch, False)
-            prompt = self._prompt(req.prompt_name, False) or ""
+            check_batch(self, len(texts), req.was_batch, False)
+            prompt = prompt_text(self, req.prompt_name, False) or ""
         except Reject as r:
             return self._rejected(r, record)
         with self._lock:
@@ -689,7 +624,7 @@ class TEIServer(ServerURLs):
             req = self._parse_request(await read_struct(request, self.payload_limit), openai)
             self._count("batch_requests" if req.was_batch else "single_requests")
             record = self._receive("openai" if openai else "embed", req)
-            seen = self._validate(req, openai)
+            seen = validate(self, req, openai)
         except Reject as r:
             return self._rejected(r, record)
         response = await self._work(request, req, seen, openai)

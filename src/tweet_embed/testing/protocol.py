@@ -87,12 +87,14 @@ class Received:
 
 
 class Reject(Exception):
-    """An early answer (error) from request parsing/validation; ``outcome`` names its counter."""
+    """An early answer (error) from request parsing/validation; ``outcome`` names its counter, ``failure``
+    (if any) TEI's ``te_request_failure{err}`` label."""
 
-    def __init__(self, response: web.StreamResponse, outcome: str):
+    def __init__(self, response: web.StreamResponse, outcome: str, failure: str | None = None):
         super().__init__(outcome)
         self.response = response
         self.outcome = outcome
+        self.failure = failure
 
 
 def text_response(status: int, message: str) -> web.Response:
@@ -118,13 +120,13 @@ def deserialize_error(what: str) -> Reject:
     )
 
 
-def tei_error(status: int, message: str, error_type: str, openai: bool) -> Reject:
+def tei_error(status: int, message: str, error_type: str, openai: bool, failure: str | None = None) -> Reject:
     """TEI's own JSON error: ``ErrorResponse`` on TEI routes, ``OpenAICompatErrorResponse`` on OpenAI's."""
     if openai:
         body: dict[str, Any] = {"message": message, "code": status, "error_type": error_type}
     else:
         body = {"error": message, "error_type": error_type}
-    return Reject(json_response(status, body), str(status))
+    return Reject(json_response(status, body), str(status), failure)
 
 
 async def read_json(request: web.Request, payload_limit: int) -> Any:

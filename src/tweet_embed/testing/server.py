@@ -91,7 +91,7 @@ Standalone: ``python -m tweet_embed.testing.server --port 18090 --dim 384 [--cap
 --max-concurrent-requests 512]`` prints its URL and serves until killed.
 
 Layout: :mod:`.app` (TEIServer: routes, counters, lifecycle), :mod:`.protocol` (TEI's wire format),
-:mod:`.vectors`, :mod:`.tokens`, :mod:`.faults`, :mod:`.device` (capacity mode), :mod:`.process`
+:mod:`.validation` (TEI's request checks), :mod:`.vectors`, :mod:`.tokens`, :mod:`.faults`, :mod:`.device` (capacity mode), :mod:`.process`
 (ServerProcess), :mod:`.cli` (this command line).  This module re-exports them.
 """
 
