@@ -116,10 +116,16 @@ def _embed_json_slow(body: bytes, n: int, dim: int | None) -> np.ndarray:
         raise DecodeError("expected arrays of numbers")
     if len(lengths) > 1:
         raise DecodeError(f"vectors of different lengths: {sorted(lengths)[:5]}")
-    if any(v is None for r in obj for v in r):
+    return _rows_to_array(obj, n, dim)
+
+
+def _rows_to_array(rows: list[list[Any]], n: int, dim: int | None) -> np.ndarray:
+    """Parsed rows (lists of one length) → the checked float32 array; a null (NaN or inf) or a non-number
+    is a DecodeError."""
+    if any(v is None for r in rows for v in r):
         raise DecodeError("response holds non-finite values (null, i.e. NaN or inf)")
     try:
-        arr = np.asarray(obj, dtype=np.float32)
+        arr = np.asarray(rows, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"not numbers: {exc}") from None
     return check(arr, n, dim)
@@ -252,13 +258,7 @@ def decode_openai_floats(body: bytes, n: int, dim: int | None) -> np.ndarray:
     lengths = {len(r) if isinstance(r, list) else -1 for r in rows}
     if -1 in lengths or len(lengths) != 1:
         raise DecodeError("embeddings are not arrays of one length")
-    if any(v is None for r in rows for v in r):
-        raise DecodeError("response holds non-finite values (null, i.e. NaN or inf)")
-    try:
-        arr = np.asarray(rows, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"not numbers: {exc}") from None
-    return check(arr, n, dim)
+    return _rows_to_array(rows, n, dim)
 
 
 Decoder = Callable[[bytes, int, "int | None"], np.ndarray]
