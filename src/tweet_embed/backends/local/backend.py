@@ -404,7 +404,6 @@ class LocalBackend(Backend):
         self._tok = self._tokenizer_from(path, self._max_len)
 
     def _load_random(self, shape: str, dtype: Any) -> None:
-        torch = self._torch
         try:
             from transformers import BertConfig, BertModel
         except ImportError as e:
@@ -431,18 +430,11 @@ class LocalBackend(Backend):
             intermediate_size=inter,
             max_position_embeddings=512,
         )
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        with torch.device(self._device):
-            model = BertModel(cfg, add_pooling_layer=False)
-        self._finish_model(model, dtype, "mean")
-        self._max_len, self._dim = 256, hidden
-        self._tok = self._tokenizer_from(tok_dir, self._max_len)
+        self._seeded_model(BertModel, cfg, dtype, 256, tok_dir)
 
     def _load_random_xlmr(self, layers: int, hidden: int, heads: int, inter: int, dtype: Any) -> None:
         """An XLM-RoBERTa of that shape with seeded random weights, XLM-R's vocabulary size and a Unigram
         tokenizer (:func:`~.spec.xlmr_tokenizer_file`), mean pooling, 512 tokens (as multilingual-e5)."""
-        torch = self._torch
         from transformers import XLMRobertaConfig, XLMRobertaModel
 
         cfg = XLMRobertaConfig(
@@ -458,13 +450,19 @@ class LocalBackend(Backend):
             bos_token_id=0,
             eos_token_id=2,
         )
+        self._seeded_model(XLMRobertaModel, cfg, dtype, 512, xlmr_tokenizer_file())
+
+    def _seeded_model(self, model_cls: Any, cfg: Any, dtype: Any, max_len: int, tokenizer: Path) -> None:
+        """``model_cls(cfg)`` with random weights from seed 0 (the same vectors in every process), mean
+        pooling, ``max_len`` tokens, the tokenizer at ``tokenizer``."""
+        torch = self._torch
         cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
         with torch.device(self._device):
-            model = XLMRobertaModel(cfg, add_pooling_layer=False)
+            model = model_cls(cfg, add_pooling_layer=False)
         self._finish_model(model, dtype, "mean")
-        self._max_len, self._dim = 512, hidden
-        self._tok = self._tokenizer_from(xlmr_tokenizer_file(), self._max_len)
+        self._max_len, self._dim = max_len, int(cfg.hidden_size)
+        self._tok = self._tokenizer_from(tokenizer, self._max_len)
 
     def _load_st(self, name: str, dtype: Any, offline: bool) -> None:
         if offline:
