@@ -144,34 +144,11 @@ def test_url_credentials_are_redacted_everywhere(tmp_path, api) -> None:
     with TEIServer(dim=DIM, max_client_batch_size=16, p_503=0.2, seed=1) as srv:
         good = f"http://user:{PASSWORD}@127.0.0.1:{srv.port}{suffix}"
         dead = f"http://admin:{PASSWORD}@127.0.0.1:{gone.port}{suffix}"
-        r1 = run_cli(
-            "-v",
-            "embed",
-            path,
-            flag,
-            f"{good},{dead}",
-            "--work-dir",
-            str(tmp_path / "w"),
-            "--max-retry-time",
-            "30",
-            "--model",
-            "m",
-        )
+        args = ["-v", "embed", path, flag, f"{good},{dead}", "--model", "m"]
+        r1 = run_cli(*args, "--work-dir", str(tmp_path / "w"), "--max-retry-time", "30")
         assert r1.returncode == 0, r1.stderr
     assert "***@127.0.0.1" in r1.stderr
-    r2 = run_cli(
-        "-v",
-        "embed",
-        path,
-        flag,
-        f"{good},{dead}",
-        "--work-dir",
-        str(tmp_path / "w2"),
-        "--max-retry-time",
-        "1",
-        "--model",
-        "m",
-    )
+    r2 = run_cli(*args, "--work-dir", str(tmp_path / "w2"), "--max-retry-time", "1")
     assert r2.returncode == 3
     assert f"***@127.0.0.1:{gone.port}" in r2.stderr  # the endpoints are still named
     assert_nowhere(PASSWORD, [r1.stdout, r1.stderr, r2.stdout, r2.stderr], [tmp_path / "w", tmp_path / "w2"])

@@ -14,6 +14,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -79,6 +80,17 @@ def write_inputs(tmp_path) -> tuple[list[str], list[tuple[str, str]]]:
     pb = tmp_path / "b.jsonl.gz"
     pb.write_bytes(gzip.compress(b"".join(orjson.dumps({"_id": i, "text": t}) + b"\n" for i, t in b)))
     return [str(pa_), str(pb)], a + b
+
+
+def upload(s3: Any, paths: list[str]) -> list[str]:
+    """Copy local input files to ``s3://bucket/input/``; returns their URIs."""
+    uris = []
+    for p in paths:
+        key = f"bucket/input/{os.path.basename(p)}"
+        with s3.open_output_stream(key, compression=None) as out:
+            out.write(open(p, "rb").read())
+        uris.append(f"s3://{key}")
+    return uris
 
 
 def options(
@@ -317,12 +329,7 @@ def test_task_error_reaches_the_driver_as_itself(tmp_path, ray_local) -> None:
 
 def test_object_store_input_shards_and_markers(tmp_path, ray_local, s3, server) -> None:
     inputs, records = write_inputs(tmp_path)
-    uris = []
-    for p in inputs:
-        key = f"bucket/input/{os.path.basename(p)}"
-        with s3.open_output_stream(key, compression=None) as out:
-            out.write(open(p, "rb").read())
-        uris.append(f"s3://{key}")
+    uris = upload(s3, inputs)
     spec = BackendSpec(urls=(server.embed_url,))
     work = "s3://bucket/runs/r1"
     stage = str(tmp_path / "stage")  # default: $TMPDIR/tweet-embed-<hash> (test_storage checks it)

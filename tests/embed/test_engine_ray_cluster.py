@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from test_engine_ray import DIM, TESTS, WrappedBackend, options, sent, write_inputs
+from test_engine_ray import DIM, TESTS, WrappedBackend, options, sent, upload, write_inputs
 
 from tweet_embed.backends import BackendSpec
 from tweet_embed.backends.base import Backend
@@ -126,12 +126,7 @@ def data(tmp_path_factory, s3, server) -> dict[str, Any]:
     """The inputs (plain + gzipped JSONL, two bad lines) locally and on S3, and the local engine's run of them."""
     tmp = tmp_path_factory.mktemp("inputs")
     inputs, records = write_inputs(tmp)
-    uris = []
-    for p in inputs:
-        key = f"bucket/input/{os.path.basename(p)}"
-        with s3.open_output_stream(key, compression=None) as out:
-            out.write(open(p, "rb").read())
-        uris.append(f"s3://{key}")
+    uris = upload(s3, inputs)
     ref = str(tmp / "local")
     run_embed(options(inputs, ref, None), BackendSpec(urls=(server.embed_url,)))
     return {"local": inputs, "s3": uris, "records": records, "reference": ref}
