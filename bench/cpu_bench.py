@@ -7,6 +7,9 @@ slows them all alike; the table shows the best and the median round). Rows:
   the texts (read, parse, embed, write Parquet shards, markers) with the backend already loaded;
 - ``tweet-embed model-only (default)``: ``LocalBackend.embed_sync`` in calls of its ``max_batch`` (the default
   runtime: OpenVINO, bf16 where the CPU has it natively, else fp32);
+- ``tweet-embed model-only, as embed drives it``: the same backend through ``LocalBackend.embed`` with its
+  ``max_in_flight`` calls at once (OpenVINO on CPU: 2, one tokenizing while the other runs), as the runner
+  drives it, without reading input or writing shards;
 - ``... (no bf16, forced)``: the same with ``TWEET_EMBED_CPU_BF16=0`` (what a CPU without bf16 gets; the
   same as the default on one);
 - ``... (--dtype fp32)``: OpenVINO in fp32;
@@ -91,6 +94,25 @@ def model_only(b: LocalBackend) -> Callable[[Sequence[str]], np.ndarray]:
         return np.vstack([b.embed_sync(texts[i : i + step]) for i in range(0, len(texts), step)])
 
     return run
+
+
+def model_driven(b: LocalBackend) -> Callable[[Sequence[str]], np.ndarray]:
+    """The backend as ``embed`` drives it, without reading or writing: calls of ``max_batch`` texts through
+    ``LocalBackend.embed`` with ``max_in_flight`` of them at once (on CPU with OpenVINO: 2, so one call is
+    tokenized while the other runs on the cores)."""
+    assert b.info is not None
+    step, in_flight = b.info.max_batch, max(1, b.info.max_in_flight)
+
+    async def run_all(texts: Sequence[str]) -> np.ndarray:
+        sem = asyncio.Semaphore(in_flight)
+
+        async def one(i: int) -> np.ndarray:
+            async with sem:
+                return await b.embed(texts[i : i + step])
+
+        return np.vstack(await asyncio.gather(*(one(i) for i in range(0, len(texts), step))))
+
+    return lambda texts: asyncio.run(run_all(texts))
 
 
 class _Loaded(Backend):
@@ -304,6 +326,12 @@ def main() -> None:
             model_only(default),
             True,
         ),
+        "driven": (
+            f"tweet-embed model-only, as embed drives it (default, calls in flight: "
+            f"{default.info.max_in_flight if default.info else '?'})",
+            model_driven(default),
+            True,
+        ),
         "no-bf16": (
             f"tweet-embed model-only (no bf16, forced: {no_bf16._ov.precision})",
             model_only(no_bf16),
@@ -379,12 +407,15 @@ def main() -> None:
         print(
             f"\nmodel-only default / torch fp32 (today's path before issue 17): {max(walls['default']) / torch_best:.2f}"
         )
-    if "default" in walls and passing:
+    if passing:
         best_raw = max(passing, key=lambda k: max(walls[k]))
-        print(
-            f"model-only default / best raw loop at the quality bar ({methods[best_raw][0]}): "
-            f"{max(walls['default']) / max(walls[best_raw]):.2f}"
-        )
+        for k in ("default", "driven"):
+            if k in walls:
+                print(
+                    f"{methods[k][0]} / best raw loop at the quality bar ({methods[best_raw][0]}): "
+                    f"best {max(walls[k]) / max(walls[best_raw]):.2f}, "
+                    f"median {statistics.median(walls[k]) / statistics.median(walls[best_raw]):.2f}"
+                )
     failing = sorted(set(raw_keys) - set(passing))
     if failing:
         print("below the quality bar, not compared: " + ", ".join(methods[k][0] for k in failing))
