@@ -10,11 +10,12 @@ therefore fixed: more nodes cannot make it faster, only show what scheduling acr
 
 Per node count, on the same input (``--lines`` synthetic tweets in chunks of ``--chunk``):
 
-* ``docs_per_s`` and ``of_capacity`` (docs/s over the pool's capacity, the share of the GPUs kept busy);
-* ``overhead_s``: wall time minus ``lines / capacity`` (the least time the pool needs): start-up of the run
+* ``docs_per_s`` (rows), ``texts_per_s`` and ``of_capacity`` (distinct texts sent a second — dedupe, the
+  default, sends each once — over the pool's capacity: the share of the GPUs kept busy);
+* ``overhead_s``: wall time minus ``distinct texts / capacity`` (the least time the pool needs): start-up of the run
   (plan, manifest, first requests), the pipeline's ramp-up and tail, and Ray's scheduling;
-* ``duplicates``: texts the servers answered (status 200) more often than the input holds them (0: nothing
-  embedded twice), ``missing`` the reverse, ``rows_ok``: the shards hold every id exactly once; ``probes``: the
+* ``duplicates``: distinct texts the servers answered (status 200) more than once (0: nothing embedded twice),
+  ``missing``: distinct texts never answered, ``rows_ok``: the shards hold every id exactly once; ``probes``: the
   one request each client sends when it starts (the driver's, and one per Ray worker process), not input;
 * ``429``: overload answers (retried by the client; not duplicates).
 
@@ -168,12 +169,14 @@ def main() -> int:
                 "chunks": r["chunks"],
                 "seconds": round(r["seconds"], 2),
                 "docs_per_s": round(r["rows"] / r["seconds"], 1),
-                "of_capacity": round(r["rows"] / r["seconds"] / capacity, 3),
-                "overhead_s": round(r["seconds"] - args.lines / capacity, 2),
-                # a text of the input answered more often than the input holds it; each client's start-up
+                # the servers' work is the distinct texts (dedupe, the default, sends each once)
+                "texts_per_s": round(len(texts) / r["seconds"], 1),
+                "of_capacity": round(len(texts) / r["seconds"] / capacity, 3),
+                "overhead_s": round(r["seconds"] - len(texts) / capacity, 2),
+                # a distinct text of the input answered more than once, or never; each client's start-up
                 # probe ("dimension probe", not in the input) is counted apart
-                "duplicates": sum(max(0, got[t] - n) for t, n in texts.items()),
-                "missing": sum((texts - got).values()),
+                "duplicates": sum(max(0, got[t] - 1) for t in texts),
+                "missing": sum(1 for t in texts if got[t] == 0),
                 "probes": sum(n for t, n in got.items() if t not in texts),
                 "rows_ok": len(r["ids"]) == len(set(r["ids"])) == args.lines,
                 "429": sum(s.counters["429"] for s in servers),
