@@ -186,6 +186,13 @@ def dedupe_root(dirs: WorkDirs) -> str:
     return os.path.join(dirs.tmp if storage.is_uri(dirs.progress) else dirs.progress, "dedupe")
 
 
+def map_out_of_reach(dirs: WorkDirs, ray: object) -> bool:
+    """True when a run cannot use the corpus-wide map: the slot store is a local file every worker writes and
+    reads, and Ray nodes with an object-store work dir share no local disk (such a run dedupes inside each
+    chunk only). ``embed`` and ``plan`` ask the same question."""
+    return storage.is_uri(dirs.progress) and ray is not None
+
+
 def _options_key(copts: ChunkOptions | None) -> dict[str, Any]:
     """What decides each row's text (and so the map): fields, text mode, filters."""
     c = copts or ChunkOptions()

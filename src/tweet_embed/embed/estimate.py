@@ -204,9 +204,10 @@ def _exact_distinct(opts: EmbedOptions, plan: Plan, total_lines: int, mode: str)
     """
     if mode == "sample" or not opts.dedupe or (mode == "auto" and total_lines > EXACT_DISTINCT_LINES):
         return None
-    if storage.is_uri(opts.dirs.progress) and opts.ray is not None:
-        return None  # such a run dedupes inside each chunk only (see runner._plan_dedupe)
-    from tweet_embed.embed.dedupe_plan import dedupe_root, plan_dedupe
+    from tweet_embed.embed.dedupe_plan import dedupe_root, map_out_of_reach, plan_dedupe
+
+    if map_out_of_reach(opts.dirs, opts.ray):
+        return None  # such a run dedupes inside each chunk only
     from tweet_embed.embed.options import chunk_options
 
     _, index = plan_dedupe(plan, dedupe_root(opts.dirs), chunk_options(opts), opts.reuse)

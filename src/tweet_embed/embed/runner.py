@@ -231,11 +231,10 @@ def texts_report(markers: Iterable[Marker], summary: Summary, chunks: int) -> di
 
 def _plan_dedupe(opts: EmbedOptions, plan: Plan, summary: Summary) -> None:
     """The run's dedupe map (planned once; a resume loads it), set on ``opts`` for the engines."""
-    from tweet_embed.embed.dedupe_plan import dedupe_root, plan_dedupe
+    from tweet_embed.embed.dedupe_plan import dedupe_root, map_out_of_reach, plan_dedupe
 
     dirs = opts.dirs
-    if storage.is_uri(dirs.progress) and opts.ray is not None:
-        # the slot store is a local file every worker writes and reads: Ray nodes share no local disk
+    if map_out_of_reach(dirs, opts.ray):
         log.warning(
             "--engine ray with an object-store work dir: texts are deduplicated inside each chunk only"
         )
